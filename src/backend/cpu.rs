@@ -1,0 +1,384 @@
+//! The CPU backend: every operation in f32. It is the reference the CUDA kernels are tested
+//! against and the default where there is no GPU.
+
+use super::cpu_attention::{self, AttnShape};
+use super::gemm::matmul_wt;
+use super::{Backend, LayerWeight, StepInput, Weight};
+use crate::error::{Result, SpindleError};
+use crate::plan::AttentionPlan;
+use model_loader::{Checkpoint, ModelConfig};
+
+/// `[rows, cols]` row-major f32 activations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mat {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+/// A linear layer: `[out, in]` weights and an optional `[out]` bias.
+struct Linear {
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    out: usize,
+    inp: usize,
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// f32 weights, f32 K/V cache and the current step's inputs.
+pub struct CpuBackend {
+    cfg: ModelConfig,
+    embed: Vec<f32>, // [vocab, hidden]
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    lm_head: Option<Linear>, // None: tied to `embed`
+    inv_freq: Vec<f32>,      // [head_dim / 2]
+    block_size: usize,
+    num_blocks: usize,
+    k_cache: Vec<Vec<f32>>, // per layer: [num_blocks * block_size, kv_heads * head_dim]
+    v_cache: Vec<Vec<f32>>,
+    step: StepInput,
+    kv_tokens_read: u64,
+}
+
+fn load_vec(ck: &Checkpoint, name: &str) -> Result<Vec<f32>> {
+    Ok(ck.tensor(name)?.to_f32())
+}
+
+fn load_linear(ck: &Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
+    let t = ck.tensor(&format!("{prefix}.weight"))?;
+    let (out, inp) = match t.shape {
+        [o, i] => (*o, *i),
+        other => {
+            return Err(SpindleError::Backend(format!(
+                "{prefix}.weight: expected a matrix, got shape {other:?}"
+            )))
+        }
+    };
+    let bias = if bias {
+        Some(load_vec(ck, &format!("{prefix}.bias"))?)
+    } else {
+        None
+    };
+    Ok(Linear {
+        w: t.to_f32(),
+        bias,
+        out,
+        inp,
+    })
+}
+
+impl CpuBackend {
+    /// Widens the checkpoint's weights to f32 and allocates a cache of `num_blocks` blocks.
+    pub fn load(ck: &Checkpoint, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let cfg = ck.config().clone();
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let b = cfg.attention_bias;
+            layers.push(Layer {
+                input_norm: load_vec(ck, &format!("{p}.input_layernorm.weight"))?,
+                q: load_linear(ck, &format!("{p}.self_attn.q_proj"), b)?,
+                k: load_linear(ck, &format!("{p}.self_attn.k_proj"), b)?,
+                v: load_linear(ck, &format!("{p}.self_attn.v_proj"), b)?,
+                o: load_linear(ck, &format!("{p}.self_attn.o_proj"), false)?,
+                q_norm: if cfg.qk_norm {
+                    Some(load_vec(ck, &format!("{p}.self_attn.q_norm.weight"))?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(load_vec(ck, &format!("{p}.self_attn.k_norm.weight"))?)
+                } else {
+                    None
+                },
+                post_norm: load_vec(ck, &format!("{p}.post_attention_layernorm.weight"))?,
+                gate: load_linear(ck, &format!("{p}.mlp.gate_proj"), false)?,
+                up: load_linear(ck, &format!("{p}.mlp.up_proj"), false)?,
+                down: load_linear(ck, &format!("{p}.mlp.down_proj"), false)?,
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(load_linear(ck, "lm_head", false)?)
+        };
+        let half = cfg.head_dim / 2;
+        // HF: inv_freq = 1 / theta^(2i / d), computed in f32.
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        let kv_width = cfg.num_kv_heads * cfg.head_dim;
+        let cache = || vec![vec![0.0f32; num_blocks * block_size * kv_width]; cfg.num_layers];
+        Ok(Self {
+            embed: load_vec(ck, "model.embed_tokens.weight")?,
+            final_norm: load_vec(ck, "model.norm.weight")?,
+            layers,
+            lm_head,
+            inv_freq,
+            block_size,
+            num_blocks,
+            k_cache: cache(),
+            v_cache: cache(),
+            step: StepInput::default(),
+            kv_tokens_read: 0,
+            cfg,
+        })
+    }
+
+    /// K/V tokens gathered by attention since creation, summed over layers.
+    pub fn kv_tokens_read(&self) -> u64 {
+        self.kv_tokens_read
+    }
+
+    fn linear_of(&self, w: Weight) -> Result<&Linear> {
+        match w {
+            Weight::LmHead => self
+                .lm_head
+                .as_ref()
+                .ok_or_else(|| SpindleError::Backend("lm_head is tied".into())),
+            Weight::Layer(i, lw) => {
+                let l = self
+                    .layers
+                    .get(i)
+                    .ok_or_else(|| SpindleError::Backend(format!("no layer {i}")))?;
+                Ok(match lw {
+                    LayerWeight::Q => &l.q,
+                    LayerWeight::K => &l.k,
+                    LayerWeight::V => &l.v,
+                    LayerWeight::O => &l.o,
+                    LayerWeight::Gate => &l.gate,
+                    LayerWeight::Up => &l.up,
+                    LayerWeight::Down => &l.down,
+                    other => {
+                        return Err(SpindleError::Backend(format!("{other:?} is not a matrix")))
+                    }
+                })
+            }
+            Weight::FinalNorm => Err(SpindleError::Backend("final norm is not a matrix".into())),
+        }
+    }
+
+    fn vector_of(&self, w: Weight) -> Result<&[f32]> {
+        let missing = || SpindleError::Backend(format!("{w:?} is not a vector of this model"));
+        match w {
+            Weight::FinalNorm => Ok(&self.final_norm),
+            Weight::Layer(i, lw) => {
+                let l = self.layers.get(i).ok_or_else(missing)?;
+                match lw {
+                    LayerWeight::InputNorm => Ok(&l.input_norm),
+                    LayerWeight::PostNorm => Ok(&l.post_norm),
+                    LayerWeight::QNorm => l.q_norm.as_deref().ok_or_else(missing),
+                    LayerWeight::KNorm => l.k_norm.as_deref().ok_or_else(missing),
+                    _ => Err(missing()),
+                }
+            }
+            Weight::LmHead => Err(missing()),
+        }
+    }
+}
+
+/// RMSNorm of each `width`-wide row of `x` into `out` (HF: mean of squares in f32).
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let width = w.len();
+    for (xr, or) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Act = Mat;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn begin_step(&mut self, step: &StepInput) -> Result<()> {
+        let kv_width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let block_elems = self.block_size * kv_width;
+        for c in &step.copies {
+            let (src, dst) = (c.src as usize * block_elems, c.dst as usize * block_elems);
+            for cache in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+                cache.copy_within(src..src + block_elems, dst);
+            }
+        }
+        self.step = step.clone();
+        Ok(())
+    }
+
+    fn embed(&mut self) -> Result<Mat> {
+        let h = self.cfg.hidden_size;
+        let mut data = Vec::with_capacity(self.step.tokens.len() * h);
+        for &t in &self.step.tokens {
+            let row = self
+                .embed
+                .get(t as usize * h..(t as usize + 1) * h)
+                .ok_or(SpindleError::TokenOutOfVocab {
+                    token: t,
+                    vocab: self.cfg.vocab_size,
+                })?;
+            data.extend_from_slice(row);
+        }
+        Ok(Mat {
+            rows: self.step.tokens.len(),
+            cols: h,
+            data,
+        })
+    }
+
+    fn rms_norm(&mut self, x: &Mat, w: Weight) -> Result<Mat> {
+        let g = self.vector_of(w)?;
+        let mut out = vec![0.0; x.data.len()];
+        rms_norm_rows(&x.data, g, self.cfg.rms_norm_eps, &mut out);
+        Ok(Mat {
+            rows: x.rows,
+            cols: x.cols,
+            data: out,
+        })
+    }
+
+    fn add(&mut self, x: &mut Mat, y: &Mat) -> Result<()> {
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn linear(&mut self, x: &Mat, w: Weight) -> Result<Mat> {
+        let lin = self.linear_of(w)?;
+        if x.cols != lin.inp {
+            return Err(SpindleError::Backend(format!(
+                "{w:?}: input width {} but weight takes {}",
+                x.cols, lin.inp
+            )));
+        }
+        let mut data = matmul_wt(&x.data, &lin.w, x.rows, lin.inp, lin.out);
+        if let Some(bias) = &lin.bias {
+            for row in data.chunks_exact_mut(lin.out) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+        Ok(Mat {
+            rows: x.rows,
+            cols: lin.out,
+            data,
+        })
+    }
+
+    fn head_norm(&mut self, x: &mut Mat, w: Weight) -> Result<()> {
+        let g = self.vector_of(w)?.to_vec();
+        let src = x.data.clone();
+        rms_norm_rows(&src, &g, self.cfg.rms_norm_eps, &mut x.data);
+        Ok(())
+    }
+
+    fn rope(&mut self, x: &mut Mat) -> Result<()> {
+        let d = self.cfg.head_dim;
+        let half = d / 2;
+        for (r, row) in x.data.chunks_exact_mut(x.cols).enumerate() {
+            let pos = self.step.positions[r] as f32;
+            for head in row.chunks_exact_mut(d) {
+                for i in 0..half {
+                    let f = pos * self.inv_freq[i];
+                    let (sin, cos) = f.sin_cos();
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos - b * sin;
+                    head[i + half] = b * cos + a * sin;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_kv(&mut self, layer: usize, k: &Mat, v: &Mat) -> Result<()> {
+        let w = k.cols;
+        for (r, &slot) in self.step.slots.iter().enumerate() {
+            let s = slot as usize;
+            self.k_cache[layer][s * w..(s + 1) * w].copy_from_slice(&k.data[r * w..(r + 1) * w]);
+            self.v_cache[layer][s * w..(s + 1) * w].copy_from_slice(&v.data[r * w..(r + 1) * w]);
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self, layer: usize, q: &Mat) -> Result<Mat> {
+        let shape = AttnShape {
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            block_size: self.block_size,
+        };
+        let plan: &AttentionPlan = &self.step.plan;
+        let (data, read) = cpu_attention::attention(
+            plan,
+            &q.data,
+            &self.k_cache[layer],
+            &self.v_cache[layer],
+            shape,
+        );
+        self.kv_tokens_read += read;
+        Ok(Mat {
+            rows: q.rows,
+            cols: q.cols,
+            data,
+        })
+    }
+
+    fn silu_mul(&mut self, gate: &Mat, up: &Mat) -> Result<Mat> {
+        let data = gate
+            .data
+            .iter()
+            .zip(&up.data)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        Ok(Mat {
+            rows: gate.rows,
+            cols: gate.cols,
+            data,
+        })
+    }
+
+    fn logits(&mut self, x: &Mat) -> Result<Vec<f32>> {
+        let h = x.cols;
+        let mut sel = Vec::with_capacity(self.step.logit_rows.len() * h);
+        for &r in &self.step.logit_rows {
+            sel.extend_from_slice(&x.data[r as usize * h..(r as usize + 1) * h]);
+        }
+        let m = self.step.logit_rows.len();
+        let vocab = self.cfg.vocab_size;
+        Ok(match &self.lm_head {
+            Some(lin) => matmul_wt(&sel, &lin.w, m, h, vocab),
+            None => matmul_wt(&sel, &self.embed, m, h, vocab),
+        })
+    }
+}

@@ -1,0 +1,93 @@
+//! The backend interface: the operations a transformer step needs, on some device.
+//!
+//! The layer loop (`crate::model`) is written once against this trait; the CPU backend
+//! (f32, the reference) and the CUDA backend implement it. A backend owns the weights and
+//! the K/V storage; the host side (block pool, views, plan) is shared by all backends.
+
+pub mod cpu;
+pub mod cpu_attention;
+pub mod gemm;
+
+use crate::error::Result;
+use crate::kv::BlockCopy;
+use crate::plan::AttentionPlan;
+use model_loader::ModelConfig;
+
+/// A weight matrix or vector of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    FinalNorm,
+    LmHead,
+    Layer(usize, LayerWeight),
+}
+
+/// A weight inside one decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerWeight {
+    InputNorm,
+    Q,
+    K,
+    V,
+    O,
+    QNorm,
+    KNorm,
+    PostNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+/// Everything one fused step needs, built on the host.
+#[derive(Debug, Clone, Default)]
+pub struct StepInput {
+    /// `[rows]`: the token fed at each row.
+    pub tokens: Vec<u32>,
+    /// `[rows]`: its position (for RoPE).
+    pub positions: Vec<u32>,
+    /// `[rows]`: cache slot (`block * block_size + offset`) its K/V is written to.
+    pub slots: Vec<u32>,
+    /// Rows whose logits are wanted, in output order.
+    pub logit_rows: Vec<u32>,
+    /// Copy-on-write block copies to do before anything is written.
+    pub copies: Vec<BlockCopy>,
+    /// Which rows attend to which chunks.
+    pub plan: AttentionPlan,
+}
+
+/// A device that can run the transformer's operations. `Act` is an activation buffer of
+/// shape `[rows, width]` living on the device.
+pub trait Backend {
+    /// Activation buffer type.
+    type Act;
+
+    /// Short name for logs ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+    /// The model's configuration.
+    fn config(&self) -> &ModelConfig;
+    /// Tokens per KV block.
+    fn block_size(&self) -> usize;
+    /// Number of KV blocks the backend's cache holds.
+    fn num_blocks(&self) -> usize;
+    /// Uploads the step's inputs and performs its copy-on-write block copies.
+    fn begin_step(&mut self, step: &StepInput) -> Result<()>;
+    /// `[rows, hidden]` embeddings of the step's tokens.
+    fn embed(&mut self) -> Result<Self::Act>;
+    /// `[rows, hidden]` RMSNorm of `x` with weight `w`.
+    fn rms_norm(&mut self, x: &Self::Act, w: Weight) -> Result<Self::Act>;
+    /// `x += y` in place.
+    fn add(&mut self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    /// `[rows, out]` = `x @ w^T` (+ the weight's bias, where the model has one).
+    fn linear(&mut self, x: &Self::Act, w: Weight) -> Result<Self::Act>;
+    /// RMSNorm over each head of `x` (`[rows, heads * head_dim]`) in place (Qwen3 q/k norm).
+    fn head_norm(&mut self, x: &mut Self::Act, w: Weight) -> Result<()>;
+    /// Rotary embedding of every head of `x` at the step's positions, in place.
+    fn rope(&mut self, x: &mut Self::Act) -> Result<()>;
+    /// Writes the step's K and V (`[rows, kv_heads * head_dim]`) of `layer` into their slots.
+    fn write_kv(&mut self, layer: usize, k: &Self::Act, v: &Self::Act) -> Result<()>;
+    /// `[rows, heads * head_dim]` attention of `q` over the cache of `layer`, per the plan.
+    fn attention(&mut self, layer: usize, q: &Self::Act) -> Result<Self::Act>;
+    /// `[rows, inter]` = silu(gate) * up.
+    fn silu_mul(&mut self, gate: &Self::Act, up: &Self::Act) -> Result<Self::Act>;
+    /// Host copy of `[logit_rows, vocab]` logits for the step's `logit_rows` of `x` (already normed).
+    fn logits(&mut self, x: &Self::Act) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,36 @@
+//! The transformer forward pass (Llama / Qwen2 / Qwen3), written once against [`Backend`].
+
+use crate::backend::{Backend, LayerWeight as L, StepInput, Weight};
+use crate::error::Result;
+
+/// Runs one fused step through every layer and returns `[logit_rows, vocab]` logits.
+pub fn forward<B: Backend>(backend: &mut B, step: &StepInput) -> Result<Vec<f32>> {
+    backend.begin_step(step)?;
+    let cfg = backend.config().clone();
+    let mut x = backend.embed()?; // [rows, hidden]
+    for layer in 0..cfg.num_layers {
+        let w = |lw| Weight::Layer(layer, lw);
+        let h = backend.rms_norm(&x, w(L::InputNorm))?;
+        let mut q = backend.linear(&h, w(L::Q))?; // [rows, heads * head_dim]
+        let mut k = backend.linear(&h, w(L::K))?; // [rows, kv_heads * head_dim]
+        let v = backend.linear(&h, w(L::V))?; // [rows, kv_heads * head_dim]
+        if cfg.qk_norm {
+            backend.head_norm(&mut q, w(L::QNorm))?;
+            backend.head_norm(&mut k, w(L::KNorm))?;
+        }
+        backend.rope(&mut q)?;
+        backend.rope(&mut k)?;
+        backend.write_kv(layer, &k, &v)?;
+        let attn = backend.attention(layer, &q)?; // [rows, heads * head_dim]
+        let o = backend.linear(&attn, w(L::O))?; // [rows, hidden]
+        backend.add(&mut x, &o)?;
+        let h = backend.rms_norm(&x, w(L::PostNorm))?;
+        let gate = backend.linear(&h, w(L::Gate))?; // [rows, inter]
+        let up = backend.linear(&h, w(L::Up))?;
+        let act = backend.silu_mul(&gate, &up)?;
+        let down = backend.linear(&act, w(L::Down))?; // [rows, hidden]
+        backend.add(&mut x, &down)?;
+    }
+    let x = backend.rms_norm(&x, Weight::FinalNorm)?;
+    backend.logits(&x)
+}

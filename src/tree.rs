@@ -1,0 +1,93 @@
+//! The thread tree: one reasoning thread's state (its KV view, tokens, positions) and the
+//! fork / join rules of `tests/fixtures/README.md`.
+
+use crate::kv::KvView;
+use std::collections::VecDeque;
+
+/// Index of a thread in the engine. Never reused while the engine lives.
+pub type ThreadId = usize;
+
+/// How children's results return to their parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinKind {
+    /// Keep the children's K/V: the parent's context gains every child's own cached tokens.
+    Reuse,
+    /// Feed each child's transcript (or its `returns`) to the parent again as new tokens.
+    Reprefill,
+}
+
+/// Where a thread is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadState {
+    /// Has work, or may be given more.
+    Active,
+    /// Forked; suspended until its children are joined.
+    Waiting,
+    /// Ended; a child stays here until its parent joins it.
+    Finished,
+    /// Joined or released: holds no blocks.
+    Retired,
+}
+
+/// A token waiting to be appended to a thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub token: u32,
+    pub pos: u32,
+    /// False for tokens fed again after a preemption: their outputs were already delivered.
+    pub emit: bool,
+}
+
+/// One reasoning thread.
+#[derive(Debug, Clone)]
+pub struct Thread {
+    pub id: ThreadId,
+    /// The request this thread belongs to (the root thread's id).
+    pub request: ThreadId,
+    pub parent: Option<ThreadId>,
+    /// Child indices from the root: the thread's path in the tree.
+    pub path: Vec<u32>,
+    pub state: ThreadState,
+    pub children: Vec<ThreadId>,
+    /// Cached context.
+    pub view: KvView,
+    /// `[view.len()]` token ids of the cached context, in context order.
+    pub ctx_tokens: Vec<u32>,
+    /// `[view.len()]` their positions.
+    pub ctx_pos: Vec<u32>,
+    /// Position the next fed token gets.
+    pub next_pos: u32,
+    /// Context length and position when this thread was forked (its own part starts there).
+    pub fork_len: usize,
+    pub fork_pos: u32,
+    /// Tokens queued for the next steps.
+    pub pending: VecDeque<Pending>,
+    /// Tokens handed back at a re-prefill join instead of the transcript (APR).
+    pub returns: Option<Vec<u32>>,
+    /// Tokens this thread fed (not counting recompute after preemption).
+    pub tokens_fed: usize,
+}
+
+impl Thread {
+    /// Depth in the tree (root = 0).
+    pub fn depth(&self) -> usize {
+        self.path.len()
+    }
+
+    /// Tokens of the thread's own context part (after its fork point), in order.
+    pub fn transcript(&self) -> &[u32] {
+        &self.ctx_tokens[self.fork_len.min(self.ctx_tokens.len())..]
+    }
+
+    /// Queues `tokens` at the next positions.
+    pub fn feed(&mut self, tokens: &[u32]) {
+        for &token in tokens {
+            self.pending.push_back(Pending {
+                token,
+                pos: self.next_pos,
+                emit: true,
+            });
+            self.next_pos += 1;
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Shared helpers for the integration tests: fixture paths, engines, logit comparison.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use spindle::backend::cpu::CpuBackend;
+use spindle::tree_file::{NodeLogits, TreeLimits, TreeNode};
+use spindle::{AttentionMode, Engine, EngineConfig};
+use std::path::PathBuf;
+
+pub const FIXTURES: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn reference(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+pub fn engine(name: &str, blocks: usize, block_size: usize, mode: AttentionMode) -> Engine<CpuBackend> {
+    let ck = model_loader::Checkpoint::open(&fixture(name)).expect("fixture opens");
+    let backend = CpuBackend::load(&ck, blocks, block_size).expect("backend");
+    Engine::new(
+        backend,
+        EngineConfig {
+            mode,
+            ..Default::default()
+        },
+    )
+}
+
+pub fn limits(vocab_size: usize) -> TreeLimits {
+    TreeLimits {
+        vocab_size,
+        max_depth: 8,
+    }
+}
+
+/// Largest |a - b| over two logit matrices; panics on a shape mismatch.
+pub fn max_diff(got: &[Vec<f32>], want: &Value, what: &str) -> f32 {
+    let want = want.as_array().unwrap_or_else(|| panic!("{what}: reference logits missing"));
+    assert_eq!(got.len(), want.len(), "{what}: number of logit rows");
+    let mut m = 0.0f32;
+    for (g, w) in got.iter().zip(want) {
+        let w = w.as_array().expect("row");
+        assert_eq!(g.len(), w.len(), "{what}: vocab");
+        for (a, b) in g.iter().zip(w) {
+            m = m.max((a - b.as_f64().expect("float") as f32).abs());
+        }
+    }
+    m
+}
+
+/// Max difference over a whole tree (logits, join logits, children, then).
+pub fn tree_diff(got: &NodeLogits, want: &Value, what: &str) -> f32 {
+    let mut m = max_diff(&got.logits, &want["logits"], what);
+    if let Some(fork) = want.get("fork") {
+        if fork["join"] == "reprefill" {
+            m = m.max(max_diff(&got.join_logits, &fork["join_logits"], &format!("{what}.join")));
+        }
+        let kids = fork["children"].as_array().expect("children");
+        assert_eq!(got.children.len(), kids.len(), "{what}: children");
+        for (i, (g, w)) in got.children.iter().zip(kids).enumerate() {
+            m = m.max(tree_diff(g, w, &format!("{what}.children[{i}]")));
+        }
+    }
+    if let Some(then) = want.get("then") {
+        let g = got.then.as_deref().expect("then logits");
+        m = m.max(tree_diff(g, then, &format!("{what}.then")));
+    }
+    m
+}
+
+pub fn parse_tree(v: &Value, vocab: usize) -> TreeNode {
+    TreeNode::parse(v, "reference.json", limits(vocab)).expect("tree parses")
+}
