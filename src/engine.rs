@@ -56,6 +56,8 @@ pub struct StepOutput {
     pub rows: usize,
     /// Threads preempted (their tokens queued for recompute) to make room.
     pub preempted: Vec<ThreadId>,
+    /// Threads with queued tokens that did not fit this step (free blocks or token budget).
+    pub waiting: Vec<ThreadId>,
 }
 
 /// Counters over the engine's life.
@@ -154,9 +156,27 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Starts a request: a root thread with `prompt` queued.
+    /// Starts a request: a root thread with `prompt` queued at positions 0, 1, 2, ...
     pub fn add_request(&mut self, prompt: &[u32]) -> Result<ThreadId> {
+        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+        self.add_request_with_positions(prompt, &positions)
+    }
+
+    /// Starts a request whose prompt tokens carry explicit positions (a flattened tree
+    /// context, for example); later tokens continue after the largest one.
+    pub fn add_request_with_positions(
+        &mut self,
+        prompt: &[u32],
+        positions: &[u32],
+    ) -> Result<ThreadId> {
         self.check_tokens(prompt)?;
+        if positions.len() != prompt.len() {
+            return Err(SpindleError::InvalidRequest(format!(
+                "{} prompt tokens but {} positions",
+                prompt.len(),
+                positions.len()
+            )));
+        }
         let id = self.threads.len();
         let mut t = Thread {
             id,
@@ -174,8 +194,16 @@ impl<B: Backend> Engine<B> {
             pending: Default::default(),
             returns: None,
             tokens_fed: 0,
+            release_on_finish: false,
         };
-        t.feed(prompt);
+        for (&token, &pos) in prompt.iter().zip(positions) {
+            t.pending.push_back(Pending {
+                token,
+                pos,
+                emit: true,
+            });
+        }
+        t.next_pos = positions.iter().max().map_or(0, |p| p + 1);
         self.threads.push(t);
         Ok(id)
     }
@@ -198,6 +226,18 @@ impl<B: Backend> Engine<B> {
     /// each child starts with the parent's context and next position (metadata only);
     /// without it (APR) a child starts empty at position 0.
     pub fn fork(&mut self, id: ThreadId, n: usize, share_context: bool) -> Result<Vec<ThreadId>> {
+        self.fork_with(id, n, share_context, None)
+    }
+
+    /// [`Engine::fork`] when the join is known in advance: children of a re-prefill join
+    /// give their blocks back as soon as they finish (only their tokens are needed).
+    pub fn fork_with(
+        &mut self,
+        id: ThreadId,
+        n: usize,
+        share_context: bool,
+        join: Option<JoinKind>,
+    ) -> Result<Vec<ThreadId>> {
         let parent = self.thread(id)?;
         if parent.state != ThreadState::Active || !parent.pending.is_empty() {
             return Err(SpindleError::InvalidRequest(format!(
@@ -241,6 +281,7 @@ impl<B: Backend> Engine<B> {
                 pending: Default::default(),
                 returns: None,
                 tokens_fed: 0,
+                release_on_finish: join == Some(JoinKind::Reprefill),
             });
             ids.push(cid);
         }
@@ -253,13 +294,17 @@ impl<B: Backend> Engine<B> {
     /// Marks a thread as ended. It must have no queued tokens. A child keeps its cache
     /// until its parent joins it; a root releases everything.
     pub fn finish(&mut self, id: ThreadId) -> Result<()> {
-        let t = self.thread_mut(id)?;
+        self.thread(id)?;
+        let t = &mut self.threads[id];
         if t.state != ThreadState::Active || !t.pending.is_empty() {
             return Err(SpindleError::InvalidRequest(format!(
                 "finish of thread {id}: it must be active with no queued tokens"
             )));
         }
         t.state = ThreadState::Finished;
+        if t.release_on_finish {
+            t.view.release(&mut self.pool);
+        }
         if t.parent.is_none() {
             self.retire(id);
         }
@@ -405,8 +450,15 @@ impl<B: Backend> Engine<B> {
                     continue;
                 }
                 let t = &mut self.threads[id];
-                let n = t.pending.len().min(self.cfg.prefill_chunk.max(1)).min(budget);
-                if let Some(slots) = t.view.append(n, &mut self.pool, &mut copies, self.cfg.shared_tail) {
+                let n = t
+                    .pending
+                    .len()
+                    .min(self.cfg.prefill_chunk.max(1))
+                    .min(budget);
+                if let Some(slots) =
+                    t.view
+                        .append(n, &mut self.pool, &mut copies, self.cfg.shared_tail)
+                {
                     budget -= n;
                     batch.push((id, n, slots));
                 }
@@ -416,9 +468,7 @@ impl<B: Backend> Engine<B> {
             }
             // Nothing fits: preempt the youngest thread that holds blocks of its own.
             let victim = self.threads.iter().rev().find(|t| {
-                t.state == ThreadState::Active
-                    && t.view.len() > t.fork_len
-                    && t.id != candidates[0]
+                t.state == ThreadState::Active && t.view.len() > t.fork_len && t.id != candidates[0]
             });
             match victim.map(|t| t.id) {
                 Some(v) => {
@@ -435,6 +485,11 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
+        out.waiting = candidates
+            .iter()
+            .copied()
+            .filter(|id| !batch.iter().any(|b| b.0 == *id))
+            .collect();
         // Build the step's rows and the plan.
         let mut step = StepInput {
             copies,

@@ -70,7 +70,7 @@ pub fn blocks_for(tree: &TreeNode, block_size: usize) -> usize {
 
 /// Replays `tree` on `engine` and returns the logits at every token, shaped like the tree.
 pub fn replay_tree<B: Backend>(engine: &mut Engine<B>, tree: &TreeNode) -> Result<NodeLogits> {
-    let mut out = NodeLogits::default();
+    let mut out = NodeLogits::skeleton(tree);
     let root = engine.add_request(&tree.tokens)?;
     let mut cursors: BTreeMap<ThreadId, Cursor> = BTreeMap::new();
     cursors.insert(
@@ -137,7 +137,7 @@ fn advance<B: Backend>(
             (Phase::Own, Some(fork)) => {
                 c.phase = Phase::Waiting;
                 let path = c.path.clone();
-                let kids = engine.fork(id, fork.children.len(), true)?;
+                let kids = engine.fork_with(id, fork.children.len(), true, Some(fork.join))?;
                 for (i, (&kid, child)) in kids.iter().zip(&fork.children).enumerate() {
                     if let Some(r) = &child.returns {
                         engine.set_returns(kid, r)?;
@@ -176,7 +176,11 @@ fn advance<B: Backend>(
                 let kind = pnode.fork.as_ref().ok_or_else(missing)?.join;
                 let queued = engine.join(parent, kind)?;
                 pc.phase = Phase::JoinPrefill;
-                pc.expect = if kind == JoinKind::Reprefill { queued } else { 0 };
+                pc.expect = if kind == JoinKind::Reprefill {
+                    queued
+                } else {
+                    0
+                };
             }
             (Phase::Waiting, _) => unreachable_phase()?,
         }

@@ -66,6 +66,8 @@ pub struct Thread {
     pub returns: Option<Vec<u32>>,
     /// Tokens this thread fed (not counting recompute after preemption).
     pub tokens_fed: usize,
+    /// Give the blocks back at finish (a re-prefill join needs only the tokens).
+    pub release_on_finish: bool,
 }
 
 impl Thread {

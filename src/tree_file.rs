@@ -41,6 +41,23 @@ pub struct TreeLimits {
     pub max_depth: usize,
 }
 
+impl NodeLogits {
+    /// Empty logits shaped like `tree`.
+    pub fn skeleton(tree: &TreeNode) -> NodeLogits {
+        NodeLogits {
+            logits: Vec::new(),
+            join_logits: Vec::new(),
+            children: tree.fork.as_ref().map_or_else(Vec::new, |f| {
+                f.children.iter().map(NodeLogits::skeleton).collect()
+            }),
+            then: tree
+                .then
+                .as_ref()
+                .map(|t| Box::new(NodeLogits::skeleton(t))),
+        }
+    }
+}
+
 impl TreeNode {
     /// Parses a `NODE`; `origin` names the file in errors. Any `logits` are ignored.
     pub fn parse(value: &Value, origin: &str, limits: TreeLimits) -> Result<TreeNode> {
@@ -130,9 +147,13 @@ fn parse_tokens(v: &Value, origin: &str, at: &str, vocab: usize) -> Result<Vec<u
     arr.iter()
         .enumerate()
         .map(|(i, t)| {
-            let id = t
-                .as_u64()
-                .ok_or_else(|| err(origin, &format!("{at}[{i}]"), format!("{t} is not a token id")))?;
+            let id = t.as_u64().ok_or_else(|| {
+                err(
+                    origin,
+                    &format!("{at}[{i}]"),
+                    format!("{t} is not a token id"),
+                )
+            })?;
             if id as usize >= vocab {
                 return Err(err(
                     origin,
@@ -145,7 +166,13 @@ fn parse_tokens(v: &Value, origin: &str, at: &str, vocab: usize) -> Result<Vec<u
         .collect()
 }
 
-fn parse_node(v: &Value, origin: &str, at: &str, depth: usize, lim: TreeLimits) -> Result<TreeNode> {
+fn parse_node(
+    v: &Value,
+    origin: &str,
+    at: &str,
+    depth: usize,
+    lim: TreeLimits,
+) -> Result<TreeNode> {
     let obj = v
         .as_object()
         .ok_or_else(|| err(origin, at, "expected an object"))?;
@@ -154,7 +181,12 @@ fn parse_node(v: &Value, origin: &str, at: &str, depth: usize, lim: TreeLimits) 
         None => return Err(err(origin, at, "missing \"tokens\"")),
     };
     let returns = match obj.get("returns") {
-        Some(r) => Some(parse_tokens(r, origin, &format!("{at}.returns"), lim.vocab_size)?),
+        Some(r) => Some(parse_tokens(
+            r,
+            origin,
+            &format!("{at}.returns"),
+            lim.vocab_size,
+        )?),
         None => None,
     };
     let fork = match obj.get("fork") {
@@ -181,19 +213,29 @@ fn parse_node(v: &Value, origin: &str, at: &str, depth: usize, lim: TreeLimits) 
                 .and_then(Value::as_array)
                 .ok_or_else(|| err(origin, &fat, "missing \"children\" array"))?;
             if kids.is_empty() {
-                return Err(err(origin, &format!("{fat}.children"), "a fork needs at least one child"));
+                return Err(err(
+                    origin,
+                    &format!("{fat}.children"),
+                    "a fork needs at least one child",
+                ));
             }
             if depth + 1 > lim.max_depth {
                 return Err(err(
                     origin,
                     &fat,
-                    format!("fork depth {} is over the limit of {}", depth + 1, lim.max_depth),
+                    format!(
+                        "fork depth {} is over the limit of {}",
+                        depth + 1,
+                        lim.max_depth
+                    ),
                 ));
             }
             let children = kids
                 .iter()
                 .enumerate()
-                .map(|(i, c)| parse_node(c, origin, &format!("{fat}.children[{i}]"), depth + 1, lim))
+                .map(|(i, c)| {
+                    parse_node(c, origin, &format!("{fat}.children[{i}]"), depth + 1, lim)
+                })
                 .collect::<Result<Vec<_>>>()?;
             Some(Fork { join, children })
         }
@@ -204,7 +246,13 @@ fn parse_node(v: &Value, origin: &str, at: &str, depth: usize, lim: TreeLimits) 
             if fork.is_none() {
                 return Err(err(origin, at, "\"then\" without a \"fork\""));
             }
-            Some(Box::new(parse_node(t, origin, &format!("{at}.then"), depth, lim)?))
+            Some(Box::new(parse_node(
+                t,
+                origin,
+                &format!("{at}.then"),
+                depth,
+                lim,
+            )?))
         }
     };
     Ok(TreeNode {
@@ -232,11 +280,23 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let cases = [
-            (r#"{"tokens":[1,2],"fork":{"join":"reuse","children":[]}}"#, "at least one child"),
-            (r#"{"tokens":[1],"fork":{"join":"merge","children":[{"tokens":[1]}]}}"#, "unknown join \"merge\""),
-            (r#"{"tokens":[1,12]}"#, "tree.tokens[1]: token id 12 is past the vocabulary"),
+            (
+                r#"{"tokens":[1,2],"fork":{"join":"reuse","children":[]}}"#,
+                "at least one child",
+            ),
+            (
+                r#"{"tokens":[1],"fork":{"join":"merge","children":[{"tokens":[1]}]}}"#,
+                "unknown join \"merge\"",
+            ),
+            (
+                r#"{"tokens":[1,12]}"#,
+                "tree.tokens[1]: token id 12 is past the vocabulary",
+            ),
             (r#"{"tokens":[1,"a"]}"#, "tree.tokens[1]"),
-            (r#"{"tokens":[1],"then":{"tokens":[2]}}"#, "without a \"fork\""),
+            (
+                r#"{"tokens":[1],"then":{"tokens":[2]}}"#,
+                "without a \"fork\"",
+            ),
             (
                 r#"{"tokens":[1],"fork":{"join":"reuse","children":[{"tokens":[1],"fork":{"join":"reuse","children":[{"tokens":[2],"fork":{"join":"reuse","children":[{"tokens":[3]}]}}]}}]}}"#,
                 "over the limit of 2",

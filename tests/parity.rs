@@ -23,7 +23,10 @@ fn sequences_match_reference_logits() {
             let mut e = engine(name, blocks_for(&tree, 16), 16, AttentionMode::Forked);
             let (out, stats) = replay_with_stats(&mut e, &tree).expect("replay");
             let d = max_diff(&out.logits, &case["logits"], name);
-            println!("{name} {}: max |diff| = {d:.2e}, {} steps", case["name"], stats.steps);
+            println!(
+                "{name} {}: max |diff| = {d:.2e}, {} steps",
+                case["name"], stats.steps
+            );
             assert!(d <= TOL, "{name} {}: max |diff| {d}", case["name"]);
             assert!(e.pool().all_free(), "blocks leaked");
         }
@@ -49,7 +52,11 @@ fn trees_match_reference_logits_at_every_block_size_and_mode() {
                         "{name} {} bs={block_size} {mode:?}: max |diff| = {d:.2e}, steps {}, blocks peak {} (private {}), kv read {} (naive {})",
                         case["name"], stats.steps, stats.blocks_peak, stats.blocks_without_sharing, stats.kv_tokens_read, stats.kv_tokens_read_naive
                     );
-                    assert!(d <= TOL, "{name} {} bs={block_size}: max |diff| {d}", case["name"]);
+                    assert!(
+                        d <= TOL,
+                        "{name} {} bs={block_size}: max |diff| {d}",
+                        case["name"]
+                    );
                     assert!(e.pool().all_free(), "blocks leaked");
                     e.check_refcounts().expect("refcounts consistent");
                 }

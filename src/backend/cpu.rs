@@ -88,13 +88,13 @@ impl CpuBackend {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let b = cfg.attention_bias;
+            let b = cfg.qkv_bias();
             layers.push(Layer {
                 input_norm: load_vec(ck, &format!("{p}.input_layernorm.weight"))?,
                 q: load_linear(ck, &format!("{p}.self_attn.q_proj"), b)?,
                 k: load_linear(ck, &format!("{p}.self_attn.k_proj"), b)?,
                 v: load_linear(ck, &format!("{p}.self_attn.v_proj"), b)?,
-                o: load_linear(ck, &format!("{p}.self_attn.o_proj"), false)?,
+                o: load_linear(ck, &format!("{p}.self_attn.o_proj"), cfg.o_bias())?,
                 q_norm: if cfg.qk_norm {
                     Some(load_vec(ck, &format!("{p}.self_attn.q_norm.weight"))?)
                 } else {
@@ -239,13 +239,12 @@ impl Backend for CpuBackend {
         let h = self.cfg.hidden_size;
         let mut data = Vec::with_capacity(self.step.tokens.len() * h);
         for &t in &self.step.tokens {
-            let row = self
-                .embed
-                .get(t as usize * h..(t as usize + 1) * h)
-                .ok_or(SpindleError::TokenOutOfVocab {
+            let row = self.embed.get(t as usize * h..(t as usize + 1) * h).ok_or(
+                SpindleError::TokenOutOfVocab {
                     token: t,
                     vocab: self.cfg.vocab_size,
-                })?;
+                },
+            )?;
             data.extend_from_slice(row);
         }
         Ok(Mat {

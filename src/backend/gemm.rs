@@ -2,8 +2,18 @@
 
 /// `out[m, n] = a[m, k] @ w[n, k]^T` (a linear layer with weights stored as Hugging Face does).
 pub fn matmul_wt(a: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(a.len(), m * k, "matmul_wt: a has {} elements, want {m}x{k}", a.len());
-    assert_eq!(w.len(), n * k, "matmul_wt: w has {} elements, want {n}x{k}", w.len());
+    assert_eq!(
+        a.len(),
+        m * k,
+        "matmul_wt: a has {} elements, want {m}x{k}",
+        a.len()
+    );
+    assert_eq!(
+        w.len(),
+        n * k,
+        "matmul_wt: w has {} elements, want {n}x{k}",
+        w.len()
+    );
     let mut out = vec![0.0f32; m * n];
     if m == 0 || n == 0 {
         return out;

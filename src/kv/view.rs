@@ -298,9 +298,13 @@ mod tests {
         let mut pool = BlockPool::new(16, 4);
         let mut copies = Vec::new();
         let mut parent = KvView::new();
-        parent.append(6, &mut pool, &mut copies, SharedTail::NewSpan).expect("room");
+        parent
+            .append(6, &mut pool, &mut copies, SharedTail::NewSpan)
+            .expect("room");
         let mut child = parent.share(&mut pool);
-        child.append(3, &mut pool, &mut copies, SharedTail::NewSpan).expect("room");
+        child
+            .append(3, &mut pool, &mut copies, SharedTail::NewSpan)
+            .expect("room");
         assert!(copies.is_empty());
         assert_eq!(child.spans().len(), 2);
         assert_eq!(child.chunks(4)[..2], parent.chunks(4)[..]);
@@ -319,7 +323,9 @@ mod tests {
         let mut pool = BlockPool::new(1, 2);
         let mut copies = Vec::new();
         let mut v = KvView::new();
-        assert!(v.append(3, &mut pool, &mut copies, SharedTail::NewSpan).is_none());
+        assert!(v
+            .append(3, &mut pool, &mut copies, SharedTail::NewSpan)
+            .is_none());
         assert_eq!(v.len(), 0);
         assert!(pool.all_free());
     }

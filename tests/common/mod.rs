@@ -16,11 +16,17 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 pub fn reference(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference.json");
+    let text =
+        std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference.json");
     serde_json::from_str(&text).expect("reference JSON")
 }
 
-pub fn engine(name: &str, blocks: usize, block_size: usize, mode: AttentionMode) -> Engine<CpuBackend> {
+pub fn engine(
+    name: &str,
+    blocks: usize,
+    block_size: usize,
+    mode: AttentionMode,
+) -> Engine<CpuBackend> {
     let ck = model_loader::Checkpoint::open(&fixture(name)).expect("fixture opens");
     let backend = CpuBackend::load(&ck, blocks, block_size).expect("backend");
     Engine::new(
@@ -41,7 +47,9 @@ pub fn limits(vocab_size: usize) -> TreeLimits {
 
 /// Largest |a - b| over two logit matrices; panics on a shape mismatch.
 pub fn max_diff(got: &[Vec<f32>], want: &Value, what: &str) -> f32 {
-    let want = want.as_array().unwrap_or_else(|| panic!("{what}: reference logits missing"));
+    let want = want
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: reference logits missing"));
     assert_eq!(got.len(), want.len(), "{what}: number of logit rows");
     let mut m = 0.0f32;
     for (g, w) in got.iter().zip(want) {
@@ -59,7 +67,11 @@ pub fn tree_diff(got: &NodeLogits, want: &Value, what: &str) -> f32 {
     let mut m = max_diff(&got.logits, &want["logits"], what);
     if let Some(fork) = want.get("fork") {
         if fork["join"] == "reprefill" {
-            m = m.max(max_diff(&got.join_logits, &fork["join_logits"], &format!("{what}.join")));
+            m = m.max(max_diff(
+                &got.join_logits,
+                &fork["join_logits"],
+                &format!("{what}.join"),
+            ));
         }
         let kids = fork["children"].as_array().expect("children");
         assert_eq!(got.children.len(), kids.len(), "{what}: children");

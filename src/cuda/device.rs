@@ -1,0 +1,69 @@
+//! Device selection: probes for the CUDA driver library before touching cudarc (whose
+//! `CudaContext::new` panics when libcuda is absent, design-notes section 4), then owns the
+//! context and the one stream every kernel and cuBLAS call of the backend is issued on.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+
+use super::{CudaError, Result};
+
+/// A CUDA device with its context and work stream.
+#[derive(Debug, Clone)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl Gpu {
+    /// Number of CUDA devices, or `NoDevice` when there is no driver or no device.
+    pub fn probe() -> Result<usize> {
+        // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDevice("libcuda.so not found".into()));
+        }
+        let n = CudaContext::device_count()
+            .map_err(|e| CudaError::NoDevice(format!("cuInit/cuDeviceGetCount failed: {e:?}")))?;
+        if n <= 0 {
+            return Err(CudaError::NoDevice("driver present but no device".into()));
+        }
+        Ok(n as usize)
+    }
+
+    /// Opens device `ordinal` (its primary context) and creates a non-blocking stream.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let n = Self::probe()?;
+        if ordinal >= n {
+            return Err(CudaError::NoDevice(format!("device {ordinal} requested, {n} present")));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| CudaError::NoDevice(format!("cuCtx init failed: {e:?}")))?;
+        let stream = ctx.new_stream()?;
+        Ok(Self { ctx, stream })
+    }
+
+    /// The context.
+    pub fn ctx(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream all work is issued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Device name, e.g. "NVIDIA H200".
+    pub fn name(&self) -> Result<String> {
+        Ok(self.ctx.name()?)
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        Ok(self.ctx.compute_capability()?)
+    }
+
+    /// Blocks until all work on the stream is done.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+}

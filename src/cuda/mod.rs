@@ -1,0 +1,19 @@
+//! GPU building blocks for spindle's CUDA backend: device/stream setup with a safe probe
+//! for a missing driver ([`device`]), the C ABI of the nvcc-built kernels ([`ffi`], from
+//! `kernels/spindle_kernels.h`), one shape-checked safe wrapper per kernel launcher
+//! ([`kernels`]), and bf16 GEMM through cuBLAS ([`gemm`]). Follows design-notes
+//! sections 2-5 (mistral.rs-style FFI: `extern "C"` launcher -> one declaration -> one safe
+//! wrapper that checks shapes, then makes the one `unsafe` call). Toolchain: docs/gpu.md.
+
+pub mod device;
+pub mod error;
+pub mod ffi;
+pub mod gemm;
+pub mod kernels;
+
+pub use device::Gpu;
+pub use error::CudaError;
+pub use gemm::Blas;
+
+/// Result type of the CUDA layer.
+pub type Result<T> = std::result::Result<T, CudaError>;

@@ -1,0 +1,46 @@
+//! Generation policy: how wide and deep the tree may grow and how many tokens threads and
+//! requests may generate. Defaults suit a real 8B reasoning model (ThreadWeaver-style
+//! Qwen3-8B): forks of up to 8 threads, one level of nesting below the first, 2k tokens per
+//! thread and 16k per request.
+
+/// Limits on the trees a request may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Most children one fork may have; outlines past it are dropped (reported).
+    pub max_width: usize,
+    /// Deepest thread a fork may create (root = 0): a thread at depth `max_depth` cannot
+    /// fork; its fork tags are kept as text (reported).
+    pub max_depth: usize,
+    /// Most tokens a child thread may generate (the root is bounded by the request budget).
+    pub thread_budget: usize,
+    /// Most tokens all threads of a request may generate together.
+    pub request_budget: usize,
+    /// Blocks to keep free for the threads already running when a fork starts children.
+    /// Children that do not fit wait and start as others finish (waves).
+    pub reserve_blocks: usize,
+    /// Tokens of growth planned per started child when counting how many fit: the child's
+    /// budget, capped here so that a generous budget does not serialise every fork.
+    pub child_growth_tokens: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_width: 8,
+            max_depth: 2,
+            thread_budget: 2048,
+            request_budget: 16384,
+            reserve_blocks: 0,
+            child_growth_tokens: 512,
+        }
+    }
+}
+
+impl Policy {
+    /// Blocks one new child is planned to need: its prime and planned growth, plus one
+    /// for the copy-on-write of the shared tail block.
+    pub fn blocks_per_child(&self, prime_len: usize, block_size: usize) -> usize {
+        let growth = self.thread_budget.min(self.child_growth_tokens);
+        (prime_len + growth).div_ceil(block_size.max(1)) + 1
+    }
+}

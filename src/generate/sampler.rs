@@ -1,0 +1,171 @@
+//! Choosing the next token: the [`TokenSource`] trait (given a thread's place, its tokens
+//! and its logits, pick a token) and [`Sampler`], its real implementation (greedy,
+//! temperature, top-k, top-p) drawing from the thread's own seeded generator.
+
+use super::rng::Rng;
+
+/// What a token source sees when a thread needs its next token.
+pub struct Decide<'a> {
+    /// The request (its root thread's id).
+    pub request: usize,
+    /// The thread's path in the tree (child indices from the root).
+    pub path: &'a [u32],
+    /// Tokens this thread has generated so far (prompt, primes and re-prefills excluded).
+    pub generated: &'a [u32],
+    /// `[vocab]` logits for the next token.
+    pub logits: &'a [f32],
+    /// The thread's own generator, seeded from the request seed and its place in the tree.
+    pub rng: &'a mut Rng,
+}
+
+/// Picks each thread's next token.
+pub trait TokenSource: Send {
+    /// The next token of the thread described by `d`.
+    fn next_token(&mut self, d: Decide<'_>) -> u32;
+}
+
+/// Sampling settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `p` (1.0: all).
+    pub top_p: f32,
+    /// Seed of the request; every thread derives its own generator from it.
+    pub seed: u64,
+    /// Most tokens the request may generate over all its threads (caps the policy's
+    /// request budget when set).
+    pub max_tokens: Option<usize>,
+    /// Token sequences that end the root thread when it generates one of them.
+    pub stop: Vec<Vec<u32>>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            max_tokens: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// The real token source: samples from the logits.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+}
+
+impl Sampler {
+    /// A sampler with `params`.
+    pub fn new(params: SamplingParams) -> Self {
+        Self { params }
+    }
+
+    /// Picks a token from `logits` with `rng` (greedy when the temperature is 0).
+    pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
+        let p = &self.params;
+        if p.temperature <= 0.0 || !p.temperature.is_finite() || p.top_k == 1 {
+            return argmax(logits);
+        }
+        let mut order: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize].is_finite())
+            .collect();
+        if order.is_empty() {
+            return 0;
+        }
+        // Descending by logit; ties by id so the order is total and reproducible.
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let max = logits[order[0] as usize];
+        let inv_t = 1.0 / p.temperature as f64;
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) as f64 * inv_t).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        for q in &mut probs {
+            *q /= total;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            order.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = rng.next_f64() * total;
+        for (q, &id) in probs.iter().zip(&order) {
+            if u < *q {
+                return id;
+            }
+            u -= q;
+        }
+        order[order.len() - 1]
+    }
+}
+
+impl TokenSource for Sampler {
+    fn next_token(&mut self, d: Decide<'_>) -> u32 {
+        self.sample(d.logits, d.rng)
+    }
+}
+
+/// Index of the largest logit (the lowest index among ties; 0 for an empty slice).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(temperature: f32, top_k: usize, top_p: f32) -> Sampler {
+        Sampler::new(SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn greedy_top_k_and_top_p() {
+        let logits = [0.0, 3.0, 2.9, -1.0];
+        let mut rng = Rng::new(1);
+        assert_eq!(sampler(0.0, 0, 1.0).sample(&logits, &mut rng), 1);
+        for _ in 0..50 {
+            let t = sampler(1.0, 2, 1.0).sample(&logits, &mut rng);
+            assert!(t == 1 || t == 2);
+            assert_eq!(sampler(1.0, 0, 0.1).sample(&logits, &mut rng), 1);
+        }
+        let seen: std::collections::BTreeSet<u32> = (0..400)
+            .map(|_| sampler(5.0, 0, 1.0).sample(&logits, &mut rng))
+            .collect();
+        assert_eq!(seen.len(), 4);
+    }
+}

@@ -1,0 +1,489 @@
+//! Tag protocols as data: the control tags of a fork/join protocol as token sequences, the
+//! per-thread parser that reads them, and the three presets.
+//!
+//! Grammar (every preset is an instance, with its own tags):
+//!
+//! ```text
+//! thread    := text* ( block | container | result )* end?
+//! block     := BLOCK_OPEN ... BLOCK_CLOSE            (<Parallel> ... </Parallel>; bookkeeping)
+//! container := C_OPEN ( E_OPEN entry E_CLOSE )+ C_CLOSE   -> fork, one child per entry
+//! end       := CHILD_END                             (children only: ends the thread)
+//! result    := R_OPEN result-text CHILD_END          (APR children: the only tokens returned)
+//! ```
+//!
+//! | preset | block | container / entry | child prime | child end | join |
+//! |---|---|---|---|---|---|
+//! | threadweaver | `<Parallel>` | `<Outlines>` / `<Outline>` | `<Thread>` + ` i:` | `</Thread>` | re-prefill (reuse selectable) |
+//! | multiverse | `<Parallel>` | `<Goal>` / `<Outline>` | `<Path>` + ` i` | `</Path>` | reuse, then `<Conclusion>` |
+//! | apr | - | `<spawn>` / `<Outline>` | the entry's text only | `</join>` | re-prefill of `<join>` result `</join>` |
+//!
+//! Tags are matched on token ids, as suffixes of the thread's generated tokens, so a tag
+//! configured as several tokens is recognised when its last token arrives; text that
+//! merely spells a tag in ordinary tokens is text. Malformed sequences never panic: a
+//! close without an open, an entry outside a container, a container with no entries, or a
+//! child-end tag in a root thread are kept as text and reported as [`Action::Malformed`].
+
+use super::protocol::{Action, ChildSpec, ForkSpec, Protocol, Role, ThreadParser, Truncation};
+use crate::error::{Result, SpindleError};
+use crate::tokenizer::Tokenizer;
+use crate::tree::JoinKind;
+use std::sync::Arc;
+
+/// A control tag: one or more token ids.
+pub type Tag = Vec<u32>;
+
+/// How each child of a fork is primed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildPrime {
+    /// `tag` then the child's number label (`labels[i]`, e.g. the tokens of ` 1:`); past
+    /// the last label only the tag.
+    Numbered { tag: Tag, labels: Vec<Vec<u32>> },
+    /// The entry's own tokens: the message handed to the child (APR).
+    EntryContent,
+}
+
+/// The tags and join rule of one protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagSpec {
+    pub name: String,
+    /// Optional enclosing block (`<Parallel>`, `</Parallel>`), checked for balance only.
+    pub block: Option<(Tag, Tag)>,
+    /// The container whose close forks (`<Outlines>`, `</Outlines>`).
+    pub container: (Tag, Tag),
+    /// One entry per child (`<Outline>`, `</Outline>`).
+    pub entry: (Tag, Tag),
+    pub child_prime: ChildPrime,
+    /// Ends a child thread (`</Thread>`).
+    pub child_end: Tag,
+    /// With a result tag (APR's `<join>`), a child hands back only `result .. child_end`.
+    pub result: Option<Tag>,
+    /// Children see the parent's context (false: only their prime).
+    pub share_context: bool,
+    pub join: JoinKind,
+    /// Fed to the parent after the join. A reuse join needs at least one token here: the
+    /// parent's next token must be computed after the merged context.
+    pub after_join: Vec<u32>,
+}
+
+/// Number labels prepared for presets (wider forks get the bare tag).
+pub const LABELS: usize = 64;
+
+/// A protocol defined by a [`TagSpec`].
+#[derive(Debug, Clone)]
+pub struct TagProtocol {
+    spec: Arc<TagSpec>,
+}
+
+fn resolve(tok: &Tokenizer, tag: &str) -> Result<Tag> {
+    tok.tag(tag)
+        .map_err(|e| SpindleError::Protocol(format!("tag {tag}: {e}")))
+}
+
+fn labels(tok: &Tokenizer, fmt: impl Fn(usize) -> String) -> Result<Vec<Vec<u32>>> {
+    (1..=LABELS).map(|i| tok.encode(&fmt(i))).collect()
+}
+
+impl TagProtocol {
+    /// A protocol from `spec`, checked: no empty tag, and a reuse join primes the parent.
+    pub fn new(spec: TagSpec) -> Result<Self> {
+        let mut tags = vec![
+            &spec.container.0,
+            &spec.container.1,
+            &spec.entry.0,
+            &spec.entry.1,
+            &spec.child_end,
+        ];
+        if let Some((a, b)) = &spec.block {
+            tags.extend([a, b]);
+        }
+        if let Some(r) = &spec.result {
+            tags.push(r);
+        }
+        if tags.iter().any(|t| t.is_empty()) {
+            return Err(SpindleError::Protocol(format!("{}: empty tag", spec.name)));
+        }
+        if spec.join == JoinKind::Reuse && spec.after_join.is_empty() {
+            return Err(SpindleError::Protocol(format!(
+                "{}: a reuse join needs tokens to feed the parent after it",
+                spec.name
+            )));
+        }
+        Ok(Self {
+            spec: Arc::new(spec),
+        })
+    }
+
+    /// The protocol's tags.
+    pub fn spec(&self) -> &TagSpec {
+        &self.spec
+    }
+
+    /// ThreadWeaver: `<Parallel><Outlines><Outline>..</Outline>..</Outlines>`, children
+    /// primed `<Thread> i:` and ended by `</Thread>`, joined by re-prefill (or reuse, in
+    /// which case the parent is primed with a newline before it continues).
+    pub fn threadweaver(tok: &Tokenizer, join: JoinKind) -> Result<Self> {
+        let after_join = match join {
+            JoinKind::Reprefill => Vec::new(),
+            JoinKind::Reuse => tok.encode("\n")?,
+        };
+        Self::new(TagSpec {
+            name: "threadweaver".into(),
+            block: Some((resolve(tok, "<Parallel>")?, resolve(tok, "</Parallel>")?)),
+            container: (resolve(tok, "<Outlines>")?, resolve(tok, "</Outlines>")?),
+            entry: (resolve(tok, "<Outline>")?, resolve(tok, "</Outline>")?),
+            child_prime: ChildPrime::Numbered {
+                tag: resolve(tok, "<Thread>")?,
+                labels: labels(tok, |i| format!(" {i}:"))?,
+            },
+            child_end: resolve(tok, "</Thread>")?,
+            result: None,
+            share_context: true,
+            join,
+            after_join,
+        })
+    }
+
+    /// Multiverse: `<Parallel><Goal><Outline>..</Outline>..</Goal>`, paths primed
+    /// `<Path> i` and ended by `</Path>`, joined by KV reuse; the parent goes on with
+    /// `<Conclusion>`.
+    pub fn multiverse(tok: &Tokenizer) -> Result<Self> {
+        Self::new(TagSpec {
+            name: "multiverse".into(),
+            block: Some((resolve(tok, "<Parallel>")?, resolve(tok, "</Parallel>")?)),
+            container: (resolve(tok, "<Goal>")?, resolve(tok, "</Goal>")?),
+            entry: (resolve(tok, "<Outline>")?, resolve(tok, "</Outline>")?),
+            child_prime: ChildPrime::Numbered {
+                tag: resolve(tok, "<Path>")?,
+                labels: labels(tok, |i| format!(" {i}"))?,
+            },
+            child_end: resolve(tok, "</Path>")?,
+            result: None,
+            share_context: true,
+            join: JoinKind::Reuse,
+            after_join: resolve(tok, "<Conclusion>")?,
+        })
+    }
+
+    /// APR: `<spawn><Outline>message</Outline>..</spawn>` forks one child per message; a
+    /// child sees only its message (no parent context, positions from 0), writes its
+    /// result as `<join>result</join>` and ends there; the parent re-prefills each child's
+    /// `<join>result</join>` in order and continues.
+    pub fn apr(tok: &Tokenizer) -> Result<Self> {
+        Self::new(TagSpec {
+            name: "apr".into(),
+            block: None,
+            container: (resolve(tok, "<spawn>")?, resolve(tok, "</spawn>")?),
+            entry: (resolve(tok, "<Outline>")?, resolve(tok, "</Outline>")?),
+            child_prime: ChildPrime::EntryContent,
+            child_end: resolve(tok, "</join>")?,
+            result: Some(resolve(tok, "<join>")?),
+            share_context: false,
+            join: JoinKind::Reprefill,
+            after_join: Vec::new(),
+        })
+    }
+
+    /// A preset by name: `threadweaver`, `threadweaver-reuse`, `multiverse`, `apr`.
+    pub fn preset(name: &str, tok: &Tokenizer) -> Result<Self> {
+        match name {
+            "threadweaver" => Self::threadweaver(tok, JoinKind::Reprefill),
+            "threadweaver-reuse" => Self::threadweaver(tok, JoinKind::Reuse),
+            "multiverse" => Self::multiverse(tok),
+            "apr" => Self::apr(tok),
+            other => Err(SpindleError::Protocol(format!(
+                "unknown protocol {other:?} (threadweaver, threadweaver-reuse, multiverse, apr)"
+            ))),
+        }
+    }
+}
+
+impl Protocol for TagProtocol {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn parser(&self, role: Role) -> Box<dyn ThreadParser> {
+        Box::new(TagParser {
+            spec: self.spec.clone(),
+            role,
+            blocks: 0,
+            container: None,
+            result: None,
+        })
+    }
+
+    fn control_tokens(&self) -> Vec<u32> {
+        let s = &self.spec;
+        let mut ids: Vec<u32> = [
+            &s.container.0,
+            &s.container.1,
+            &s.entry.0,
+            &s.entry.1,
+            &s.child_end,
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+        if let Some((a, b)) = &s.block {
+            ids.extend(a.iter().chain(b));
+        }
+        if let Some(r) = &s.result {
+            ids.extend(r);
+        }
+        if let ChildPrime::Numbered { tag, .. } = &s.child_prime {
+            ids.extend(tag);
+        }
+        ids.extend(&s.after_join);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    BlockOpen,
+    BlockClose,
+    ContainerOpen,
+    ContainerClose,
+    EntryOpen,
+    EntryClose,
+    ChildEnd,
+    ResultOpen,
+}
+
+#[derive(Debug, Default)]
+struct Container {
+    entries: Vec<Vec<u32>>,
+    open: bool,
+}
+
+struct TagParser {
+    spec: Arc<TagSpec>,
+    role: Role,
+    blocks: usize,
+    container: Option<Container>,
+    /// APR children: the result captured since the result tag.
+    result: Option<Vec<u32>>,
+}
+
+fn text(tag: &[u32]) -> String {
+    format!("{tag:?}")
+}
+
+impl TagParser {
+    /// The longest tag that `generated` ends with.
+    fn matched(&self, generated: &[u32]) -> Option<(Kind, usize)> {
+        let s = &self.spec;
+        let mut cands: Vec<(Kind, &Tag)> = vec![
+            (Kind::ContainerOpen, &s.container.0),
+            (Kind::ContainerClose, &s.container.1),
+            (Kind::EntryOpen, &s.entry.0),
+            (Kind::EntryClose, &s.entry.1),
+            (Kind::ChildEnd, &s.child_end),
+        ];
+        if let Some((a, b)) = &s.block {
+            cands.push((Kind::BlockOpen, a));
+            cands.push((Kind::BlockClose, b));
+        }
+        if let Some(r) = &s.result {
+            cands.push((Kind::ResultOpen, r));
+        }
+        cands
+            .into_iter()
+            .filter(|(_, t)| generated.ends_with(t))
+            .max_by_key(|(_, t)| t.len())
+            .map(|(k, t)| (k, t.len()))
+    }
+
+    /// The buffer ordinary tokens go to (an open entry, or a result being captured).
+    fn buffer(&mut self) -> Option<&mut Vec<u32>> {
+        if let Some(r) = self.result.as_mut() {
+            return Some(r);
+        }
+        match self.container.as_mut() {
+            Some(c) if c.open => c.entries.last_mut(),
+            _ => None,
+        }
+    }
+
+    fn prime(&self, index: usize, entry: &[u32]) -> Vec<u32> {
+        match &self.spec.child_prime {
+            ChildPrime::Numbered { tag, labels } => {
+                let mut p = tag.clone();
+                if let Some(l) = labels.get(index) {
+                    p.extend(l);
+                }
+                p
+            }
+            ChildPrime::EntryContent => entry.to_vec(),
+        }
+    }
+
+    fn wrap_result(&self, body: &[u32]) -> Option<Vec<u32>> {
+        let open = self.spec.result.as_ref()?;
+        let mut r = open.clone();
+        r.extend(body);
+        r.extend(&self.spec.child_end);
+        Some(r)
+    }
+}
+
+impl ThreadParser for TagParser {
+    fn on_token(&mut self, generated: &[u32]) -> Action {
+        let Some(&last) = generated.last() else {
+            return Action::Text;
+        };
+        let Some((kind, len)) = self.matched(generated) else {
+            if let Some(b) = self.buffer() {
+                b.push(last);
+            }
+            return Action::Text;
+        };
+        // The tag's earlier tokens went into the buffer as text: take them back.
+        if len > 1 {
+            if let Some(b) = self.buffer() {
+                let keep = b.len().saturating_sub(len - 1);
+                b.truncate(keep);
+            }
+        }
+        let s = self.spec.clone();
+        let malformed = |what: String| Action::Malformed(what);
+        match kind {
+            Kind::BlockOpen => {
+                self.blocks += 1;
+                Action::Text
+            }
+            Kind::BlockClose => {
+                if self.blocks == 0 {
+                    return malformed(format!(
+                        "block close {} without an open; kept as text",
+                        text(&s.block.as_ref().map(|b| b.1.clone()).unwrap_or_default())
+                    ));
+                }
+                self.blocks -= 1;
+                Action::Text
+            }
+            Kind::ContainerOpen => {
+                if self.container.is_some() {
+                    return malformed(format!(
+                        "container open {} inside an open container; kept as text",
+                        text(&s.container.0)
+                    ));
+                }
+                self.container = Some(Container::default());
+                Action::Text
+            }
+            Kind::EntryOpen => match self.container.as_mut() {
+                Some(c) => {
+                    c.entries.push(Vec::new());
+                    c.open = true;
+                    Action::Text
+                }
+                None => malformed(format!(
+                    "entry {} outside a container; kept as text",
+                    text(&s.entry.0)
+                )),
+            },
+            Kind::EntryClose => match self.container.as_mut() {
+                Some(c) if c.open => {
+                    c.open = false;
+                    Action::Text
+                }
+                _ => malformed(format!(
+                    "entry close {} without an open; kept as text",
+                    text(&s.entry.1)
+                )),
+            },
+            Kind::ContainerClose => {
+                let Some(c) = self.container.take() else {
+                    return malformed(format!(
+                        "container close {} without an open; kept as text",
+                        text(&s.container.1)
+                    ));
+                };
+                if c.entries.is_empty() {
+                    return malformed(format!(
+                        "container {} closed with no entries: no fork",
+                        text(&s.container.0)
+                    ));
+                }
+                let children = c
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| ChildSpec {
+                        prime: self.prime(i, e),
+                    })
+                    .collect();
+                Action::Fork(ForkSpec {
+                    children,
+                    share_context: s.share_context,
+                    join: s.join,
+                    after_join: s.after_join.clone(),
+                })
+            }
+            Kind::ResultOpen => {
+                if self.role == Role::Root {
+                    return malformed(format!(
+                        "result tag {} in a root thread; kept as text",
+                        text(s.result.as_deref().unwrap_or_default())
+                    ));
+                }
+                self.result = Some(Vec::new());
+                Action::Text
+            }
+            Kind::ChildEnd => {
+                if self.role == Role::Root {
+                    return malformed(format!(
+                        "child end {} in a root thread; kept as text",
+                        text(&s.child_end)
+                    ));
+                }
+                if s.result.is_none() {
+                    return Action::End { returns: None };
+                }
+                let body = match self.result.take() {
+                    Some(r) => r,
+                    None => generated[..generated.len() - len].to_vec(),
+                };
+                Action::End {
+                    returns: self.wrap_result(&body),
+                }
+            }
+        }
+    }
+
+    fn on_truncate(&mut self, generated: &[u32]) -> Truncation {
+        let s = &self.spec;
+        let problem = if self.container.is_some() {
+            Some(format!(
+                "container {} still open when the thread ended",
+                text(&s.container.0)
+            ))
+        } else if self.blocks > 0 {
+            Some(format!(
+                "block {} still open when the thread ended",
+                text(&s.block.as_ref().map(|b| b.0.clone()).unwrap_or_default())
+            ))
+        } else {
+            None
+        };
+        let returns = match self.role {
+            Role::Root => None,
+            Role::Child { .. } => match self.result.take() {
+                Some(r) => self.wrap_result(&r),
+                None => self.wrap_result(generated),
+            },
+        };
+        Truncation {
+            returns,
+            append: match (self.role, &s.result) {
+                (Role::Child { .. }, None) => s.child_end.clone(),
+                _ => Vec::new(),
+            },
+            problem,
+        }
+    }
+}
