@@ -3,11 +3,14 @@
 //! runs in one fused batch per step, and shared prefixes are read once per step.
 
 pub mod backend;
+pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod plan;
+pub mod tokenizer;
 pub mod tree;
 
 pub use backend::cpu::CpuBackend;

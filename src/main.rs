@@ -1,1 +1,47 @@
-fn main() {}
+//! The `spindle` command: inspect and generate checkpoints, replay thread trees, run the
+//! adaptive engine on a prompt, and the built-in demo (the default).
+
+use clap::{Parser, Subcommand};
+use spindle::cli;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "spindle",
+    version,
+    about = "A runtime for adaptive parallel reasoning"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a checkpoint (architecture, parameters, dtypes, tensors) or say why it is bad.
+    Inspect(cli::inspect::InspectArgs),
+    /// Write a random-weight checkpoint at real model shapes.
+    GenModel(cli::gen_model::GenModelArgs),
+    /// Teacher-force a thread tree through the engine and write its logits and stats.
+    Replay(cli::replay::ReplayArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Some(Command::Inspect(a)) => cli::inspect::run(a),
+        Some(Command::GenModel(a)) => cli::gen_model::run(a),
+        Some(Command::Replay(a)) => cli::replay::run(a),
+        None => {
+            eprintln!("usage: spindle <inspect|gen-model|replay> --help");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The `spindle` command line: one file per subcommand.
+
+pub mod device;
+pub mod gen_model;
+pub mod inspect;
+pub mod replay;

@@ -1,0 +1,250 @@
+//! The `spindle` binary end to end: inspect, gen-model and replay, on good and bad input.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn spindle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(args)
+        .output()
+        .expect("spindle runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("cli")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A copy of a fixture's checkpoint files, to break.
+fn copy_fixture(name: &str, to: &str) -> PathBuf {
+    let d = scratch(to);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(name).join(f), d.join(f)).expect("copy");
+    }
+    d
+}
+
+#[test]
+fn inspect_accepts_fixtures_and_generated_models() {
+    for name in FIXTURES {
+        let o = spindle(&["inspect", "--model", fixture(name).to_str().expect("utf8")]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("architecture") && out.contains("model.embed_tokens.weight"));
+    }
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let d = scratch(&format!("gen-{arch}"));
+        let o = spindle(&[
+            "gen-model",
+            "--arch",
+            arch,
+            "--preset",
+            "tiny",
+            "--seed",
+            "3",
+            "--out",
+            d.to_str().expect("utf8"),
+        ]);
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        let o = spindle(&["inspect", "--model", d.to_str().expect("utf8")]);
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("BF16"));
+    }
+}
+
+fn expect_refusal(dir: &Path, needle: &str) {
+    let o = spindle(&["inspect", "--model", dir.to_str().expect("utf8")]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{} was accepted", dir.display());
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+}
+
+#[test]
+fn inspect_refuses_each_malformed_checkpoint_with_its_message() {
+    // Truncated file.
+    let d = copy_fixture("tiny-llama", "truncated");
+    let bytes = std::fs::read(d.join("model.safetensors")).expect("read");
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
+    expect_refusal(&d, "model.safetensors");
+    // Header length past the end.
+    let d = copy_fixture("tiny-llama", "header-len");
+    let mut b = std::fs::read(d.join("model.safetensors")).expect("read");
+    b[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(d.join("model.safetensors"), &b).expect("write");
+    expect_refusal(&d, "header");
+    // Invalid config JSON.
+    let d = copy_fixture("tiny-llama", "bad-config");
+    std::fs::write(d.join("config.json"), "{ not json").expect("write");
+    expect_refusal(&d, "config.json");
+    // Unsupported architecture.
+    let d = copy_fixture("tiny-llama", "arch");
+    let cfg = std::fs::read_to_string(d.join("config.json")).expect("read");
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
+    )
+    .expect("write");
+    expect_refusal(&d, "GPT2LMHeadModel");
+    // Inconsistent config: a layer the weights do not have.
+    let d = copy_fixture("tiny-llama", "missing-tensor");
+    let cfg = std::fs::read_to_string(d.join("config.json")).expect("read");
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_hidden_layers\": 3", "\"num_hidden_layers\": 4"),
+    )
+    .expect("write");
+    expect_refusal(&d, "model.layers.3");
+    // Heads not divisible by kv heads.
+    let d = copy_fixture("tiny-llama", "heads");
+    let cfg = std::fs::read_to_string(d.join("config.json")).expect("read");
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
+    )
+    .expect("write");
+    expect_refusal(&d, "num_key_value_heads");
+}
+
+#[test]
+fn replay_fills_every_reference_case_within_tolerance() {
+    for name in FIXTURES {
+        let out = scratch(&format!("replay-{name}")).join("out.json");
+        for bs in ["1", "3", "16"] {
+            let o = spindle(&[
+                "replay",
+                "--device",
+                "cpu",
+                "--model",
+                fixture(name).to_str().expect("utf8"),
+                "--tree",
+                fixture(name).join("reference.json").to_str().expect("utf8"),
+                "--out",
+                out.to_str().expect("utf8"),
+                "--block-size",
+                bs,
+            ]);
+            assert!(o.status.success(), "{name}: {}", stderr(&o));
+            let got: Value =
+                serde_json::from_str(&std::fs::read_to_string(&out).expect("out")).expect("json");
+            let want = reference(name);
+            for (g, w) in got["cases"]
+                .as_array()
+                .expect("cases")
+                .iter()
+                .zip(want["cases"].as_array().expect("cases"))
+            {
+                let d = if w["kind"] == "sequence" {
+                    let rows: Vec<Vec<f32>> =
+                        serde_json::from_value(g["logits"].clone()).expect("rows");
+                    max_diff(&rows, &w["logits"], name)
+                } else {
+                    json_tree_diff(&g["tree"], &w["tree"])
+                };
+                assert!(d <= 1e-3, "{name} {} bs {bs}: {d}", w["name"]);
+                let s = &g["stats"];
+                for k in [
+                    "blocks_peak",
+                    "blocks_without_sharing",
+                    "kv_tokens_read",
+                    "kv_tokens_read_naive",
+                    "steps",
+                ] {
+                    assert!(s[k].as_u64().is_some(), "stats.{k} missing");
+                }
+            }
+        }
+    }
+}
+
+fn json_tree_diff(got: &Value, want: &Value) -> f32 {
+    let rows: Vec<Vec<f32>> = serde_json::from_value(got["logits"].clone()).expect("rows");
+    let mut d = max_diff(&rows, &want["logits"], "node");
+    if let Some(f) = want.get("fork") {
+        if f["join"] == "reprefill" {
+            let rows: Vec<Vec<f32>> =
+                serde_json::from_value(got["fork"]["join_logits"].clone()).expect("rows");
+            d = d.max(max_diff(&rows, &f["join_logits"], "join"));
+        }
+        for (g, w) in got["fork"]["children"]
+            .as_array()
+            .expect("kids")
+            .iter()
+            .zip(f["children"].as_array().expect("kids"))
+        {
+            d = d.max(json_tree_diff(g, w));
+        }
+    }
+    if let Some(t) = want.get("then") {
+        d = d.max(json_tree_diff(&got["then"], t));
+    }
+    d
+}
+
+#[test]
+fn replay_refuses_malformed_tree_files() {
+    let d = scratch("bad-trees");
+    let model = fixture("tiny-llama");
+    let cases = [
+        ("bad-json", "{\"tokens\": [1, 2", "invalid JSON"),
+        (
+            "empty-children",
+            r#"{"tokens":[1],"fork":{"join":"reuse","children":[]}}"#,
+            "at least one child",
+        ),
+        (
+            "unknown-join",
+            r#"{"tokens":[1],"fork":{"join":"zip","children":[{"tokens":[2]}]}}"#,
+            "unknown join",
+        ),
+        (
+            "vocab",
+            r#"{"tokens":[1, 512]}"#,
+            "token id 512 is past the vocabulary",
+        ),
+        (
+            "depth",
+            r#"{"tokens":[1],"fork":{"join":"reuse","children":[{"tokens":[2],"fork":{"join":"reuse","children":[{"tokens":[3]}]}}]}}"#,
+            "over the limit of 1",
+        ),
+    ];
+    for (name, text, needle) in cases {
+        let tree = d.join(format!("{name}.json"));
+        std::fs::write(&tree, text).expect("write");
+        let o = spindle(&[
+            "replay",
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--tree",
+            tree.to_str().expect("utf8"),
+            "--out",
+            d.join("out.json").to_str().expect("utf8"),
+            "--max-depth",
+            "1",
+        ]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{name} accepted");
+        assert!(
+            err.contains(needle),
+            "{name}: {err:?} should mention {needle:?}"
+        );
+        assert!(
+            err.contains(&format!("{name}.json")),
+            "{name}: the file is named: {err}"
+        );
+    }
+}
