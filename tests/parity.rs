@@ -64,3 +64,60 @@ fn trees_match_reference_logits_at_every_block_size_and_mode() {
         }
     }
 }
+
+/// Writes `name` split over two shards with an index, in a scratch directory.
+fn sharded_copy(name: &str) -> std::path::PathBuf {
+    use model_loader::{write_safetensors, Checkpoint, TensorSpec};
+    let src = Checkpoint::open(&fixture(name)).expect("fixture");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sharded-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::copy(fixture(name).join("config.json"), dir.join("config.json")).expect("config");
+    let tensors = src.tensors();
+    let half = tensors.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [&tensors[..half], &tensors[half..]].iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", shard + 1);
+        let specs: Vec<TensorSpec> = part
+            .iter()
+            .map(|t| TensorSpec {
+                name: t.name.to_string(),
+                dtype: t.dtype,
+                shape: t.shape.to_vec(),
+            })
+            .collect();
+        write_safetensors(&dir.join(&file), &specs, &mut |i, w| {
+            w.write_all(part[i].data)
+        })
+        .expect("shard");
+        for t in part.iter() {
+            weight_map.insert(t.name.to_string(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
+    dir
+}
+
+#[test]
+fn a_sharded_copy_gives_identical_logits() {
+    for name in FIXTURES {
+        let dir = sharded_copy(name);
+        let sharded = model_loader::Checkpoint::open(&dir).expect("sharded copy opens");
+        assert_eq!(sharded.files().len(), 2);
+        let r = reference(name);
+        let case = &r["cases"][0];
+        let tokens: Vec<u32> = serde_json::from_value(case["tokens"].clone()).expect("tokens");
+        let tree = TreeNode::sequence(tokens);
+        let mut single = engine(name, blocks_for(&tree, 16), 16, AttentionMode::Forked);
+        let backend =
+            spindle::CpuBackend::load(&sharded, blocks_for(&tree, 16), 16).expect("backend");
+        let mut split = spindle::Engine::new(backend, Default::default());
+        let (a, _) = replay_with_stats(&mut single, &tree).expect("single file");
+        let (b, _) = replay_with_stats(&mut split, &tree).expect("sharded");
+        assert_eq!(
+            a.logits, b.logits,
+            "{name}: sharded logits must be bit-identical"
+        );
+    }
+}
