@@ -44,7 +44,8 @@ pub struct ThreadOutput {
     pub thread: ThreadId,
     /// Tokens appended this step (recomputed ones included).
     pub fed: usize,
-    /// `[emitted tokens][vocab]` logits at each newly fed token, in order.
+    /// `[rows][vocab]` logits, in order: at every newly fed token when the thread asked for
+    /// all logits, else only at its last queued token (the next-token distribution).
     pub logits: Vec<Vec<f32>>,
 }
 
@@ -195,6 +196,7 @@ impl<B: Backend> Engine<B> {
             returns: None,
             tokens_fed: 0,
             release_on_finish: false,
+            all_logits: false,
         };
         for (&token, &pos) in prompt.iter().zip(positions) {
             t.pending.push_back(Pending {
@@ -206,6 +208,13 @@ impl<B: Backend> Engine<B> {
         t.next_pos = positions.iter().max().map_or(0, |p| p + 1);
         self.threads.push(t);
         Ok(id)
+    }
+
+    /// Asks for logits at every token `id` feeds (teacher forcing, scoring) instead of only
+    /// at its last queued token (generation). Children forked later inherit the setting.
+    pub fn set_all_logits(&mut self, id: ThreadId, all: bool) -> Result<()> {
+        self.thread_mut(id)?.all_logits = all;
+        Ok(())
     }
 
     /// Queues tokens on an active thread.
@@ -282,6 +291,7 @@ impl<B: Backend> Engine<B> {
                 returns: None,
                 tokens_fed: 0,
                 release_on_finish: join == Some(JoinKind::Reprefill),
+                all_logits: parent.all_logits,
             });
             ids.push(cid);
         }
@@ -318,6 +328,23 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// Releases the cached K/V of a finished child whose work returns by re-prefill (its
+    /// transcript and returns are kept), so memory frees before its siblings end. A reuse
+    /// join of a released child merges nothing.
+    pub fn release_cache(&mut self, id: ThreadId) -> Result<()> {
+        let t = self
+            .threads
+            .get_mut(id)
+            .ok_or_else(|| SpindleError::InvalidRequest(format!("no thread {id}")))?;
+        if t.state != ThreadState::Finished || t.parent.is_none() {
+            return Err(SpindleError::InvalidRequest(format!(
+                "release_cache of thread {id}: it must be a finished child"
+            )));
+        }
+        t.view.release(&mut self.pool);
+        Ok(())
+    }
+
     /// True when every child of `id` has finished.
     pub fn children_done(&self, id: ThreadId) -> bool {
         self.threads.get(id).is_some_and(|t| {
@@ -347,11 +374,13 @@ impl<B: Backend> Engine<B> {
             match kind {
                 JoinKind::Reuse => {
                     let own = child.view.suffix(child.fork_len, &mut self.pool);
+                    // A child whose cache was released contributes nothing.
                     let start = child.fork_len;
+                    let end = start + own.len();
                     own_views.push((
                         own,
-                        child.ctx_tokens[start..].to_vec(),
-                        child.ctx_pos[start..].to_vec(),
+                        child.ctx_tokens[start..end].to_vec(),
+                        child.ctx_pos[start..end].to_vec(),
                     ));
                     extent = extent.max(child.next_pos.saturating_sub(p));
                 }
@@ -514,10 +543,14 @@ impl<B: Backend> Engine<B> {
                 let limit = (t.view.len() - n + i + 1) as u32;
                 rows.push((row, limit));
                 if p.emit {
-                    step.logit_rows.push(row);
                     t.tokens_fed += 1;
                 }
-                emits.push(p.emit);
+                // Logits for every fed token, or only for the next-token distribution.
+                let emit = p.emit && (t.all_logits || t.pending.is_empty());
+                if emit {
+                    step.logit_rows.push(row);
+                }
+                emits.push(emit);
             }
             plan_threads.push(PlanThread {
                 chunks: t.view.chunks(bs),

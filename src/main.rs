@@ -24,6 +24,10 @@ enum Command {
     GenModel(cli::gen_model::GenModelArgs),
     /// Teacher-force a thread tree through the engine and write its logits and stats.
     Replay(cli::replay::ReplayArgs),
+    /// Generate from a prompt; the model's own control tags fork and join threads.
+    Run(cli::run::RunArgs),
+    /// The built-in demo (tiny model, scripted workload); the default command.
+    Demo(cli::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,10 +36,9 @@ fn main() -> ExitCode {
         Some(Command::Inspect(a)) => cli::inspect::run(a),
         Some(Command::GenModel(a)) => cli::gen_model::run(a),
         Some(Command::Replay(a)) => cli::replay::run(a),
-        None => {
-            eprintln!("usage: spindle <inspect|gen-model|replay> --help");
-            Ok(())
-        }
+        Some(Command::Run(a)) => cli::run::run(a),
+        Some(Command::Demo(a)) => cli::demo::run(a),
+        None => cli::demo::run(&cli::demo::DemoArgs::default()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

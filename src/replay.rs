@@ -72,6 +72,7 @@ pub fn blocks_for(tree: &TreeNode, block_size: usize) -> usize {
 pub fn replay_tree<B: Backend>(engine: &mut Engine<B>, tree: &TreeNode) -> Result<NodeLogits> {
     let mut out = NodeLogits::skeleton(tree);
     let root = engine.add_request(&tree.tokens)?;
+    engine.set_all_logits(root, true)?;
     let mut cursors: BTreeMap<ThreadId, Cursor> = BTreeMap::new();
     cursors.insert(
         root,

@@ -99,18 +99,23 @@ impl TextStream {
         self.ids.push(id);
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let now = tok.decode(&self.ids[self.prefix..])?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
-            let delta = now[before.len()..].to_string();
-            self.prefix = self.read;
-            self.read = self.ids.len();
-            Ok(delta)
-        } else if !now.starts_with(&before) && !now.ends_with('\u{FFFD}') {
-            // The decoder rewrote earlier text (a prefix-space rule): restart the window.
-            self.prefix = self.ids.len();
-            self.read = self.ids.len();
-            Ok(now)
-        } else {
-            Ok(String::new())
+        if now.ends_with('\u{FFFD}') || now.len() <= before.len() {
+            // An incomplete character (or nothing new yet): wait for more tokens.
+            return Ok(String::new());
         }
+        // Usually `now` extends `before`; if the decoder rewrote earlier text, emit from the
+        // first difference on.
+        let mut common = before
+            .char_indices()
+            .zip(now.chars())
+            .find(|((_, a), b)| a != b)
+            .map_or(before.len(), |((i, _), _)| i);
+        while !now.is_char_boundary(common) {
+            common -= 1;
+        }
+        let delta = now[common..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(delta)
     }
 }

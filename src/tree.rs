@@ -68,6 +68,8 @@ pub struct Thread {
     pub tokens_fed: usize,
     /// Give the blocks back at finish (a re-prefill join needs only the tokens).
     pub release_on_finish: bool,
+    /// Logits at every fed token, not only the last queued one.
+    pub all_logits: bool,
 }
 
 impl Thread {

@@ -1,0 +1,270 @@
+//! Tag protocols: the presets resolve through the fixture tokenizer, and every malformed
+//! control sequence has a defined outcome (text plus a reported problem, a truncation, or
+//! no fork) rather than a panic. Engine-level behaviour is in `tests/generate.rs`.
+
+mod common;
+
+use common::fixture;
+use spindle::generate::tags::ChildPrime;
+use spindle::generate::{Action, Protocol, Role, TagProtocol, TagSpec};
+use spindle::tokenizer::{TextStream, Tokenizer};
+use spindle::{JoinKind, SpindleError};
+
+fn tok() -> Tokenizer {
+    Tokenizer::from_file(&fixture("tiny-qwen2").join("tokenizer.json")).expect("tokenizer")
+}
+
+fn id(tok: &Tokenizer, s: &str) -> u32 {
+    tok.token_id(s).unwrap_or_else(|| panic!("{s} is a token"))
+}
+
+/// Feeds `text`'s tokens one by one to a fresh parser; returns every non-text action.
+fn actions(p: &TagProtocol, role: Role, tokens: &[u32]) -> Vec<(usize, Action)> {
+    let mut parser = p.parser(role);
+    let mut out = Vec::new();
+    for i in 0..tokens.len() {
+        let a = parser.on_token(&tokens[..=i]);
+        if a != Action::Text {
+            out.push((i, a));
+        }
+    }
+    out
+}
+
+fn enc(tok: &Tokenizer, s: &str) -> Vec<u32> {
+    tok.encode(s).expect("encodes")
+}
+
+#[test]
+fn tokenizer_round_trips_text_and_tags() {
+    let t = tok();
+    let text = "<Parallel> the licence</Parallel>";
+    let ids = enc(&t, text);
+    assert_eq!(ids[0], id(&t, "<Parallel>"));
+    assert_eq!(*ids.last().expect("ids"), id(&t, "</Parallel>"));
+    assert_eq!(t.decode(&ids).expect("decodes"), text);
+    assert_eq!(t.tag("<Thread>").expect("tag"), vec![9]);
+    assert_eq!(t.token_id("<|endoftext|>"), Some(0));
+    assert!(t.special_ids().contains(&20));
+    // Streaming decode gives back the same text piece by piece.
+    let mut s = TextStream::new();
+    let streamed: String = ids.iter().map(|&i| s.push(&t, i).expect("push")).collect();
+    assert_eq!(streamed, text);
+}
+
+#[test]
+fn tokenizer_errors_are_typed() {
+    let missing = Tokenizer::from_file(std::path::Path::new("/nonexistent/tokenizer.json"));
+    assert!(matches!(missing, Err(SpindleError::Io { .. })));
+    let bad = Tokenizer::from_bytes(b"{not json");
+    assert!(matches!(bad, Err(SpindleError::Tokenizer(_))));
+    assert!(matches!(
+        TagProtocol::preset("nope", &tok()),
+        Err(SpindleError::Protocol(_))
+    ));
+}
+
+#[test]
+fn presets_resolve_to_the_fixture_tags() {
+    let t = tok();
+    let tw = TagProtocol::threadweaver(&t, JoinKind::Reprefill).expect("threadweaver");
+    let s = tw.spec();
+    assert_eq!(s.container, (vec![5], vec![6]));
+    assert_eq!(s.entry, (vec![7], vec![8]));
+    assert_eq!(s.child_end, vec![10]);
+    match &s.child_prime {
+        ChildPrime::Numbered { tag, labels } => {
+            assert_eq!(tag, &vec![9]);
+            assert_eq!(t.decode(&labels[0]).expect("label"), " 1:");
+        }
+        other => panic!("unexpected prime {other:?}"),
+    }
+    let mv = TagProtocol::multiverse(&t).expect("multiverse");
+    assert_eq!(mv.spec().join, JoinKind::Reuse);
+    assert_eq!(mv.spec().after_join, vec![id(&t, "<Conclusion>")]);
+    let apr = TagProtocol::apr(&t).expect("apr");
+    assert!(!apr.spec().share_context);
+    assert_eq!(apr.spec().result, Some(vec![id(&t, "<join>")]));
+    assert!(TagProtocol::preset("threadweaver-reuse", &t).is_ok());
+    for p in [&tw, &mv, &apr] {
+        assert!(p.control_tokens().iter().all(|&c| c <= 20));
+    }
+}
+
+#[test]
+fn threadweaver_outlines_fork_one_child_per_entry() {
+    let t = tok();
+    let p = TagProtocol::threadweaver(&t, JoinKind::Reprefill).expect("protocol");
+    let toks = enc(
+        &t,
+        "go<Parallel><Outlines><Outline> 1: a</Outline><Outline> 2: b</Outline></Outlines>",
+    );
+    let acts = actions(&p, Role::Root, &toks);
+    assert_eq!(acts.len(), 1);
+    let (at, Action::Fork(spec)) = &acts[0] else {
+        panic!("expected a fork, got {acts:?}");
+    };
+    assert_eq!(*at, toks.len() - 1);
+    assert_eq!(spec.children.len(), 2);
+    assert_eq!(
+        t.decode(&spec.children[1].prime).expect("prime"),
+        "<Thread> 2:"
+    );
+    assert_eq!(spec.join, JoinKind::Reprefill);
+    assert!(spec.share_context);
+    // A child ends at </Thread>; a root treats it as text and reports it.
+    let end = enc(&t, " done</Thread>");
+    assert_eq!(
+        actions(&p, Role::Child { index: 0 }, &end),
+        vec![(end.len() - 1, Action::End { returns: None })]
+    );
+    assert!(matches!(
+        actions(&p, Role::Root, &end)[..],
+        [(_, Action::Malformed(_))]
+    ));
+}
+
+#[test]
+fn apr_messages_become_child_prompts_and_results_are_wrapped() {
+    let t = tok();
+    let p = TagProtocol::apr(&t).expect("protocol");
+    let toks = enc(
+        &t,
+        "<spawn><Outline> count ten</Outline><Outline> sum</Outline></spawn>",
+    );
+    let acts = actions(&p, Role::Root, &toks);
+    let [(_, Action::Fork(spec))] = &acts[..] else {
+        panic!("expected one fork, got {acts:?}");
+    };
+    assert!(!spec.share_context);
+    assert_eq!(
+        t.decode(&spec.children[0].prime).expect("msg"),
+        " count ten"
+    );
+    assert_eq!(t.decode(&spec.children[1].prime).expect("msg"), " sum");
+    // The child's result is what lies between <join> and </join>, handed back wrapped.
+    let child = enc(&t, " thinking<join> 10</join>");
+    let acts = actions(&p, Role::Child { index: 0 }, &child);
+    let [(_, Action::End { returns: Some(r) })] = &acts[..] else {
+        panic!("expected an end with returns, got {acts:?}");
+    };
+    assert_eq!(t.decode(r).expect("returns"), "<join> 10</join>");
+    // Without <join>, the child hands back everything it wrote, wrapped.
+    let child = enc(&t, " ten</join>");
+    let acts = actions(&p, Role::Child { index: 0 }, &child);
+    let [(_, Action::End { returns: Some(r) })] = &acts[..] else {
+        panic!("expected an end with returns, got {acts:?}");
+    };
+    assert_eq!(t.decode(r).expect("returns"), "<join> ten</join>");
+}
+
+#[test]
+fn malformed_sequences_are_text_with_a_reported_problem() {
+    let t = tok();
+    let p = TagProtocol::threadweaver(&t, JoinKind::Reprefill).expect("protocol");
+    let malformed = |text: &str| -> usize {
+        let acts = actions(&p, Role::Root, &enc(&t, text));
+        assert!(
+            acts.iter().all(|(_, a)| matches!(a, Action::Malformed(_))),
+            "{text}: {acts:?}"
+        );
+        acts.len()
+    };
+    // A close without an open.
+    assert_eq!(malformed("a</Outlines> b"), 1);
+    assert_eq!(malformed("a</Parallel>"), 1);
+    assert_eq!(malformed("<Outlines> a</Outline></Outlines>"), 2); // entry close w/o open + zero entries
+                                                                   // Zero outlines: no fork.
+    assert_eq!(malformed("<Parallel><Outlines></Outlines>"), 1);
+    // An entry outside a container, a container inside a container.
+    assert_eq!(malformed("<Outline> x"), 1);
+    assert_eq!(malformed("<Outlines><Outlines>"), 1);
+    // After a malformed close the parser still forks on a good block.
+    let acts = actions(
+        &p,
+        Role::Root,
+        &enc(&t, "</Outlines><Outlines><Outline> 1</Outline></Outlines>"),
+    );
+    assert!(matches!(acts[0].1, Action::Malformed(_)));
+    assert!(matches!(acts[1].1, Action::Fork(_)));
+}
+
+#[test]
+fn unclosed_blocks_are_reported_at_truncation() {
+    let t = tok();
+    let p = TagProtocol::threadweaver(&t, JoinKind::Reprefill).expect("protocol");
+    let toks = enc(&t, "<Parallel><Outlines><Outline> 1: a");
+    let mut parser = p.parser(Role::Child { index: 0 });
+    for i in 0..toks.len() {
+        parser.on_token(&toks[..=i]);
+    }
+    let tr = parser.on_truncate(&toks);
+    assert!(tr.problem.expect("problem").contains("still open"));
+    assert_eq!(tr.append, vec![10], "a cut child gets its </Thread> back");
+    let mut root = p.parser(Role::Root);
+    let toks = enc(&t, "<Parallel> x");
+    for i in 0..toks.len() {
+        root.on_token(&toks[..=i]);
+    }
+    assert!(root.on_truncate(&toks).problem.is_some());
+}
+
+#[test]
+fn tags_split_across_tokens_match_only_when_complete() {
+    // A protocol whose tags are several ordinary tokens each (as with a tokenizer that has
+    // no added tokens for them).
+    let (a, b, c, d) = (100u32, 101u32, 102u32, 103u32);
+    let spec = TagSpec {
+        name: "split".into(),
+        block: None,
+        container: (vec![a, b], vec![a, c]),
+        entry: (vec![d, b], vec![d, c]),
+        child_prime: ChildPrime::EntryContent,
+        child_end: vec![c, c],
+        result: None,
+        share_context: true,
+        join: JoinKind::Reprefill,
+        after_join: Vec::new(),
+    };
+    let p = TagProtocol::new(spec).expect("valid spec");
+    // a then x: not a tag; a b: container open; entry "d b 50 51 d c"; close "a c".
+    let toks = [a, 60, a, b, d, b, 50, 51, d, c, a, c];
+    let acts = actions(&p, Role::Root, &toks);
+    let [(11, Action::Fork(spec))] = &acts[..] else {
+        panic!("expected one fork at the last token, got {acts:?}");
+    };
+    // The entry holds only its text: the first token of the closing tag was taken back.
+    assert_eq!(spec.children[0].prime, vec![50, 51]);
+    // A split child-end tag ends the child only when complete.
+    let acts = actions(&p, Role::Child { index: 0 }, &[c, 7, c, c]);
+    assert_eq!(acts, vec![(3, Action::End { returns: None })]);
+    // A tag spelled in ordinary tokens is text for a protocol whose tags are added tokens.
+    let t = tok();
+    let tw = TagProtocol::threadweaver(&t, JoinKind::Reprefill).expect("protocol");
+    let pieces: Vec<u32> = ["<", "Out", "lines", ">"]
+        .iter()
+        .flat_map(|s| enc(&t, s))
+        .collect();
+    assert!(!pieces.contains(&5));
+    assert!(actions(&tw, Role::Root, &pieces).is_empty());
+}
+
+#[test]
+fn invalid_specs_are_rejected() {
+    let t = tok();
+    let mut spec = TagProtocol::multiverse(&t)
+        .expect("protocol")
+        .spec()
+        .clone();
+    spec.after_join.clear();
+    assert!(matches!(
+        TagProtocol::new(spec.clone()),
+        Err(SpindleError::Protocol(_))
+    ));
+    spec.after_join = vec![15];
+    spec.child_end.clear();
+    assert!(matches!(
+        TagProtocol::new(spec),
+        Err(SpindleError::Protocol(_))
+    ));
+}
