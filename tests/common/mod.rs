@@ -7,7 +7,7 @@ use spindle::tree_file::{NodeLogits, TreeLimits, TreeNode};
 use spindle::{AttentionMode, Engine, EngineConfig};
 use std::path::PathBuf;
 
-pub const FIXTURES: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
+pub const FIXTURES: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
