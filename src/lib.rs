@@ -32,6 +32,8 @@
 
 pub mod backend;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod generate;

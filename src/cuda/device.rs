@@ -34,7 +34,9 @@ impl Gpu {
     pub fn new(ordinal: usize) -> Result<Self> {
         let n = Self::probe()?;
         if ordinal >= n {
-            return Err(CudaError::NoDevice(format!("device {ordinal} requested, {n} present")));
+            return Err(CudaError::NoDevice(format!(
+                "device {ordinal} requested, {n} present"
+            )));
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| CudaError::NoDevice(format!("cuCtx init failed: {e:?}")))?;

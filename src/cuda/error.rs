@@ -36,7 +36,10 @@ pub enum CudaError {
 
 impl CudaError {
     pub(crate) fn shape(kernel: &'static str, msg: impl Into<String>) -> Self {
-        CudaError::Shape { kernel, msg: msg.into() }
+        CudaError::Shape {
+            kernel,
+            msg: msg.into(),
+        }
     }
 
     /// Maps a launcher's return status to a `Result`.

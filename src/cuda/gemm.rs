@@ -52,9 +52,9 @@ impl Blas {
     #[allow(clippy::too_many_arguments)]
     pub fn linear<T: GemmOut>(
         &self,
-        x: &dyn DevicePtr<bf16>,          // [m, k]
-        w: &dyn DevicePtr<bf16>,          // [n, k]
-        out: &mut dyn DevicePtrMut<T>,    // [m, n]
+        x: &dyn DevicePtr<bf16>,       // [m, k]
+        w: &dyn DevicePtr<bf16>,       // [n, k]
+        out: &mut dyn DevicePtrMut<T>, // [m, n]
         m: usize,
         n: usize,
         k: usize,
@@ -65,9 +65,16 @@ impl Blas {
             i32::try_from(v).map_err(|_| CudaError::shape(K, format!("{what} = {v} exceeds i32")))
         };
         let (mi, ni, ki) = (dim(m, "m")?, dim(n, "n")?, dim(k, "k")?);
-        for (what, got, want) in [("x", x.len(), m * k), ("w", w.len(), n * k), ("out", out.len(), m * n)] {
+        for (what, got, want) in [
+            ("x", x.len(), m * k),
+            ("w", w.len(), n * k),
+            ("out", out.len(), m * n),
+        ] {
             if got != want {
-                return Err(CudaError::shape(K, format!("{what}: length {got}, expected {want}")));
+                return Err(CudaError::shape(
+                    K,
+                    format!("{what}: length {got}, expected {want}"),
+                ));
             }
         }
         if m == 0 || n == 0 {

@@ -76,7 +76,10 @@ fn expect_len(kernel: &'static str, what: &str, got: usize, want: usize) -> Resu
     if got == want {
         Ok(())
     } else {
-        Err(CudaError::shape(kernel, format!("{what}: length {got}, expected {want}")))
+        Err(CudaError::shape(
+            kernel,
+            format!("{what}: length {got}, expected {want}"),
+        ))
     }
 }
 
@@ -106,12 +109,19 @@ fn check_cache(kernel: &'static str, c: &KvCache<'_>) -> Result<()> {
     expect_len(kernel, "k_cache", c.k.len(), c.shape.elems())?;
     expect_len(kernel, "v_cache", c.v.len(), c.shape.elems())?;
     if c.shape.head_dim != 64 && c.shape.head_dim != 128 {
-        return Err(CudaError::shape(kernel, format!("head_dim {} not in {{64, 128}}", c.shape.head_dim)));
+        return Err(CudaError::shape(
+            kernel,
+            format!("head_dim {} not in {{64, 128}}", c.shape.head_dim),
+        ));
     }
     if c.shape.block_size == 0 {
         return Err(CudaError::shape(kernel, "block_size is 0"));
     }
-    i32_of(kernel, "num_blocks * block_size", c.shape.num_blocks * c.shape.block_size)?;
+    i32_of(
+        kernel,
+        "num_blocks * block_size",
+        c.shape.num_blocks * c.shape.block_size,
+    )?;
     Ok(())
 }
 
@@ -160,11 +170,11 @@ impl DecodeWorkspace {
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode(
     stream: &Arc<CudaStream>,
-    q: In<'_, bf16>,             // [num_rows, num_q_heads, head_dim]
+    q: In<'_, bf16>, // [num_rows, num_q_heads, head_dim]
     cache: &KvCache<'_>,
-    chunks: &Chunks<'_>,         // indptr [num_rows + 1]
-    row_limit: In<'_, i32>,      // [num_rows]
-    out: Out<'_, bf16>,          // [num_rows, num_q_heads, head_dim]
+    chunks: &Chunks<'_>,    // indptr [num_rows + 1]
+    row_limit: In<'_, i32>, // [num_rows]
+    out: Out<'_, bf16>,     // [num_rows, num_q_heads, head_dim]
     num_q_heads: usize,
     scale: f32,
     max_view_len: usize,
@@ -174,8 +184,14 @@ pub fn paged_decode(
     const K: &str = "spindle_paged_decode";
     check_cache(K, cache)?;
     let s = cache.shape;
-    if num_q_heads == 0 || num_q_heads % s.num_kv_heads != 0 {
-        return Err(CudaError::shape(K, format!("num_q_heads {num_q_heads} not a multiple of num_kv_heads {}", s.num_kv_heads)));
+    if num_q_heads == 0 || !num_q_heads.is_multiple_of(s.num_kv_heads) {
+        return Err(CudaError::shape(
+            K,
+            format!(
+                "num_q_heads {num_q_heads} not a multiple of num_kv_heads {}",
+                s.num_kv_heads
+            ),
+        ));
     }
     let num_rows = row_limit.len();
     let num_chunks = check_chunks(K, chunks, num_rows)?;
@@ -270,13 +286,23 @@ pub fn prefill_plan(q_indptr: &[i32], gqa: usize) -> Result<PrefillPlan> {
     const K: &str = "spindle_prefill_attention";
     let rpt = prefill_rows_per_tile(gqa);
     if rpt == 0 {
-        return Err(CudaError::shape(K, format!("GQA ratio {gqa} unsupported (1..=64)")));
+        return Err(CudaError::shape(
+            K,
+            format!("GQA ratio {gqa} unsupported (1..=64)"),
+        ));
     }
-    let mut plan = PrefillPlan { tile_group: Vec::new(), tile_row: Vec::new(), rows_per_tile: rpt };
+    let mut plan = PrefillPlan {
+        tile_group: Vec::new(),
+        tile_row: Vec::new(),
+        rows_per_tile: rpt,
+    };
     for g in 0..q_indptr.len().saturating_sub(1) {
         let (a, b) = (q_indptr[g], q_indptr[g + 1]);
         if b < a || a < 0 {
-            return Err(CudaError::shape(K, format!("q_indptr not monotone at group {g}")));
+            return Err(CudaError::shape(
+                K,
+                format!("q_indptr not monotone at group {g}"),
+            ));
         }
         let mut r = a;
         while r < b {
@@ -294,28 +320,37 @@ pub fn prefill_plan(q_indptr: &[i32], gqa: usize) -> Result<PrefillPlan> {
 #[allow(clippy::too_many_arguments)]
 pub fn prefill_attention(
     stream: &Arc<CudaStream>,
-    q: In<'_, bf16>,             // [num_rows, num_q_heads, head_dim]
+    q: In<'_, bf16>, // [num_rows, num_q_heads, head_dim]
     cache: &KvCache<'_>,
-    q_indptr: In<'_, i32>,       // [num_groups + 1]
-    chunks: &Chunks<'_>,         // indptr [num_groups + 1]
-    row_limit: In<'_, i32>,      // [num_rows]
-    tile_group: In<'_, i32>,     // [num_tiles]
-    tile_row: In<'_, i32>,       // [num_tiles]
-    out: Out<'_, bf16>,          // [num_rows, num_q_heads, head_dim]
+    q_indptr: In<'_, i32>,   // [num_groups + 1]
+    chunks: &Chunks<'_>,     // indptr [num_groups + 1]
+    row_limit: In<'_, i32>,  // [num_rows]
+    tile_group: In<'_, i32>, // [num_tiles]
+    tile_row: In<'_, i32>,   // [num_tiles]
+    out: Out<'_, bf16>,      // [num_rows, num_q_heads, head_dim]
     num_q_heads: usize,
     scale: f32,
 ) -> Result<()> {
     const K: &str = "spindle_prefill_attention";
     check_cache(K, cache)?;
     let s = cache.shape;
-    if num_q_heads == 0 || num_q_heads % s.num_kv_heads != 0 {
-        return Err(CudaError::shape(K, format!("num_q_heads {num_q_heads} not a multiple of num_kv_heads {}", s.num_kv_heads)));
+    if num_q_heads == 0 || !num_q_heads.is_multiple_of(s.num_kv_heads) {
+        return Err(CudaError::shape(
+            K,
+            format!(
+                "num_q_heads {num_q_heads} not a multiple of num_kv_heads {}",
+                s.num_kv_heads
+            ),
+        ));
     }
     if prefill_rows_per_tile(num_q_heads / s.num_kv_heads) == 0 {
         return Err(CudaError::shape(K, "GQA ratio above 64"));
     }
     let num_rows = row_limit.len();
-    let num_groups = q_indptr.len().checked_sub(1).ok_or_else(|| CudaError::shape(K, "q_indptr is empty"))?;
+    let num_groups = q_indptr
+        .len()
+        .checked_sub(1)
+        .ok_or_else(|| CudaError::shape(K, "q_indptr is empty"))?;
     let num_chunks = check_chunks(K, chunks, num_groups)?;
     let num_tiles = tile_group.len();
     expect_len(K, "tile_row", tile_row.len(), num_tiles)?;
@@ -371,11 +406,11 @@ pub fn prefill_attention(
 /// skips token t.
 pub fn kv_write(
     stream: &Arc<CudaStream>,
-    k: In<'_, bf16>,               // [num_tokens, num_kv_heads, head_dim]
-    v: In<'_, bf16>,               // [num_tokens, num_kv_heads, head_dim]
-    k_cache: Out<'_, bf16>,        // [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: Out<'_, bf16>,        // [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: In<'_, i32>,     // [num_tokens]
+    k: In<'_, bf16>,           // [num_tokens, num_kv_heads, head_dim]
+    v: In<'_, bf16>,           // [num_tokens, num_kv_heads, head_dim]
+    k_cache: Out<'_, bf16>,    // [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: Out<'_, bf16>,    // [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: In<'_, i32>, // [num_tokens]
     shape: CacheShape,
 ) -> Result<()> {
     const K: &str = "spindle_kv_write";
@@ -385,7 +420,11 @@ pub fn kv_write(
     expect_len(K, "v", v.len(), t * row)?;
     expect_len(K, "k_cache", k_cache.len(), shape.elems())?;
     expect_len(K, "v_cache", v_cache.len(), shape.elems())?;
-    i32_of(K, "num_blocks * block_size", shape.num_blocks * shape.block_size)?;
+    i32_of(
+        K,
+        "num_blocks * block_size",
+        shape.num_blocks * shape.block_size,
+    )?;
     if row == 0 || shape.block_size == 0 {
         return Err(CudaError::shape(K, "zero-sized cache row or block"));
     }
@@ -431,16 +470,22 @@ pub fn copy_blocks(
     const K: &str = "spindle_copy_blocks";
     let layers = k_caches.len();
     expect_len(K, "v_caches", v_caches.len(), layers)?;
-    for (i, c) in k_caches.iter().chain(v_caches.iter()).enumerate() {
-        expect_len(K, &format!("cache {i}"), c.len(), shape.elems())?;
+    for (i, c) in k_caches.iter().enumerate() {
+        expect_len(K, &format!("k_caches[{i}]"), c.len(), shape.elems())?;
     }
-    if block_pairs.len() % 2 != 0 {
+    for (i, c) in v_caches.iter().enumerate() {
+        expect_len(K, &format!("v_caches[{i}]"), c.len(), shape.elems())?;
+    }
+    if !block_pairs.len().is_multiple_of(2) {
         return Err(CudaError::shape(K, "block_pairs length is odd"));
     }
     let pairs = block_pairs.len() / 2;
     let be = shape.block_elems();
-    if be == 0 || be % 8 != 0 {
-        return Err(CudaError::shape(K, format!("block_elems {be} must be a positive multiple of 8")));
+    if be == 0 || !be.is_multiple_of(8) {
+        return Err(CudaError::shape(
+            K,
+            format!("block_elems {be} must be a positive multiple of 8"),
+        ));
     }
     if layers == 0 || pairs == 0 {
         return Ok(());
@@ -468,8 +513,8 @@ pub fn copy_blocks(
     // (checked above); the kernel skips block ids outside [0, num_blocks); guards held.
     let code = unsafe {
         ffi::spindle_copy_blocks(
-            kdp as *const *mut ffi::sp_bf16,
-            vdp as *const *mut ffi::sp_bf16,
+            kdp,
+            vdp,
             bp,
             i32_of(K, "num_layers", layers)?,
             i32_of(K, "num_pairs", pairs)?,
@@ -490,9 +535,9 @@ fn check_rows(kernel: &'static str, what: &str, len: usize, rows: usize, n: usiz
 /// is rounded to bf16 before the weight multiply). Also q/k norm with n = head_dim.
 pub fn rmsnorm(
     stream: &Arc<CudaStream>,
-    out: Out<'_, bf16>,  // [rows, n]
-    x: In<'_, bf16>,     // [rows, n]
-    w: In<'_, bf16>,     // [n]
+    out: Out<'_, bf16>, // [rows, n]
+    x: In<'_, bf16>,    // [rows, n]
+    w: In<'_, bf16>,    // [n]
     eps: f32,
 ) -> Result<()> {
     const K: &str = "spindle_rmsnorm";
@@ -509,14 +554,27 @@ pub fn rmsnorm(
     let (op, _g2) = wr!(out, stream, ffi::sp_bf16);
     // SAFETY: x/out hold rows * n elements and w n (checked); guards held.
     let code = unsafe {
-        ffi::spindle_rmsnorm(op, xp, wp, i32_of(K, "rows", rows)?, i32_of(K, "n", n)?, eps, cu(stream))
+        ffi::spindle_rmsnorm(
+            op,
+            xp,
+            wp,
+            i32_of(K, "rows", rows)?,
+            i32_of(K, "n", n)?,
+            eps,
+            cu(stream),
+        )
     };
     CudaError::check(K, code)
 }
 
 /// In-place RMSNorm (`x = rmsnorm(x) * w`), e.g. q/k norm on a `[tokens, heads, head_dim]`
 /// buffer with `w.len() == head_dim`.
-pub fn rmsnorm_inplace(stream: &Arc<CudaStream>, x: Out<'_, bf16>, w: In<'_, bf16>, eps: f32) -> Result<()> {
+pub fn rmsnorm_inplace(
+    stream: &Arc<CudaStream>,
+    x: Out<'_, bf16>,
+    w: In<'_, bf16>,
+    eps: f32,
+) -> Result<()> {
     const K: &str = "spindle_rmsnorm";
     let n = w.len();
     if n == 0 {
@@ -529,7 +587,15 @@ pub fn rmsnorm_inplace(stream: &Arc<CudaStream>, x: Out<'_, bf16>, w: In<'_, bf1
     let (xp, _g0) = wr!(x, stream, ffi::sp_bf16);
     // SAFETY: x holds rows * n elements, w n (checked); the kernel supports out == x.
     let code = unsafe {
-        ffi::spindle_rmsnorm(xp, xp, wp, i32_of(K, "rows", rows)?, i32_of(K, "n", n)?, eps, cu(stream))
+        ffi::spindle_rmsnorm(
+            xp,
+            xp,
+            wp,
+            i32_of(K, "rows", rows)?,
+            i32_of(K, "n", n)?,
+            eps,
+            cu(stream),
+        )
     };
     CudaError::check(K, code)
 }
@@ -537,10 +603,10 @@ pub fn rmsnorm_inplace(stream: &Arc<CudaStream>, x: Out<'_, bf16>, w: In<'_, bf1
 /// `x = bf16(x + residual); out = rmsnorm(x) * w` (x becomes the new residual stream).
 pub fn fused_add_rmsnorm(
     stream: &Arc<CudaStream>,
-    out: Out<'_, bf16>,      // [rows, n]
-    x: Out<'_, bf16>,        // [rows, n] in/out
-    residual: In<'_, bf16>,  // [rows, n]
-    w: In<'_, bf16>,         // [n]
+    out: Out<'_, bf16>,     // [rows, n]
+    x: Out<'_, bf16>,       // [rows, n] in/out
+    residual: In<'_, bf16>, // [rows, n]
+    w: In<'_, bf16>,        // [n]
     eps: f32,
 ) -> Result<()> {
     const K: &str = "spindle_fused_add_rmsnorm";
@@ -559,7 +625,16 @@ pub fn fused_add_rmsnorm(
     let (op, _g3) = wr!(out, stream, ffi::sp_bf16);
     // SAFETY: all buffers hold rows * n (w: n) elements (checked); guards held.
     let code = unsafe {
-        ffi::spindle_fused_add_rmsnorm(op, xp, rp, wp, i32_of(K, "rows", rows)?, i32_of(K, "n", n)?, eps, cu(stream))
+        ffi::spindle_fused_add_rmsnorm(
+            op,
+            xp,
+            rp,
+            wp,
+            i32_of(K, "rows", rows)?,
+            i32_of(K, "n", n)?,
+            eps,
+            cu(stream),
+        )
     };
     CudaError::check(K, code)
 }
@@ -569,9 +644,9 @@ pub fn fused_add_rmsnorm(
 #[allow(clippy::too_many_arguments)]
 pub fn rope_neox(
     stream: &Arc<CudaStream>,
-    q: Out<'_, bf16>,          // [num_tokens, num_q_heads, head_dim]
-    k: Out<'_, bf16>,          // [num_tokens, num_kv_heads, head_dim]
-    positions: In<'_, i32>,    // [num_tokens]
+    q: Out<'_, bf16>,       // [num_tokens, num_q_heads, head_dim]
+    k: Out<'_, bf16>,       // [num_tokens, num_kv_heads, head_dim]
+    positions: In<'_, i32>, // [num_tokens]
     num_q_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -579,8 +654,11 @@ pub fn rope_neox(
 ) -> Result<()> {
     const K: &str = "spindle_rope_neox";
     let t = positions.len();
-    if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(CudaError::shape(K, format!("head_dim {head_dim} must be even and positive")));
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(CudaError::shape(
+            K,
+            format!("head_dim {head_dim} must be even and positive"),
+        ));
     }
     expect_len(K, "q", q.len(), t * num_q_heads * head_dim)?;
     expect_len(K, "k", k.len(), t * num_kv_heads * head_dim)?;
@@ -608,7 +686,12 @@ pub fn rope_neox(
 
 /// `out[r, c] = silu(gate_up[r, c]) * gate_up[r, n + c]` for a merged `[rows, 2n]`
 /// gate/up projection output.
-pub fn silu_mul(stream: &Arc<CudaStream>, out: Out<'_, bf16>, gate_up: In<'_, bf16>, n: usize) -> Result<()> {
+pub fn silu_mul(
+    stream: &Arc<CudaStream>,
+    out: Out<'_, bf16>,
+    gate_up: In<'_, bf16>,
+    n: usize,
+) -> Result<()> {
     const K: &str = "spindle_silu_mul";
     if n == 0 {
         return Err(CudaError::shape(K, "n is 0"));
@@ -623,13 +706,27 @@ pub fn silu_mul(stream: &Arc<CudaStream>, out: Out<'_, bf16>, gate_up: In<'_, bf
     // SAFETY: gate_up holds rows * 2n elements, out rows * n (checked); up = gate + n stays
     // inside each row; guards held.
     let code = unsafe {
-        ffi::spindle_silu_mul(op, gp, gp.add(n), rows as i32, n as i32, 2 * n as i32, cu(stream))
+        ffi::spindle_silu_mul(
+            op,
+            gp,
+            gp.add(n),
+            rows as i32,
+            n as i32,
+            2 * n as i32,
+            cu(stream),
+        )
     };
     CudaError::check(K, code)
 }
 
 /// `out[r, c] = silu(gate[r, c]) * up[r, c]` for separate `[rows, n]` buffers.
-pub fn silu_mul_split(stream: &Arc<CudaStream>, out: Out<'_, bf16>, gate: In<'_, bf16>, up: In<'_, bf16>, n: usize) -> Result<()> {
+pub fn silu_mul_split(
+    stream: &Arc<CudaStream>,
+    out: Out<'_, bf16>,
+    gate: In<'_, bf16>,
+    up: In<'_, bf16>,
+    n: usize,
+) -> Result<()> {
     const K: &str = "spindle_silu_mul";
     if n == 0 {
         return Err(CudaError::shape(K, "n is 0"));
@@ -644,7 +741,8 @@ pub fn silu_mul_split(stream: &Arc<CudaStream>, out: Out<'_, bf16>, gate: In<'_,
     let (up_, _g1) = rd!(up, stream, ffi::sp_bf16);
     let (op, _g2) = wr!(out, stream, ffi::sp_bf16);
     // SAFETY: all three hold rows * n elements (checked); guards held.
-    let code = unsafe { ffi::spindle_silu_mul(op, gp, up_, rows as i32, n as i32, n as i32, cu(stream)) };
+    let code =
+        unsafe { ffi::spindle_silu_mul(op, gp, up_, rows as i32, n as i32, n as i32, cu(stream)) };
     CudaError::check(K, code)
 }
 
@@ -664,14 +762,20 @@ impl EmbedOut for f32 {
 /// zero rows.
 pub fn embedding<T: EmbedOut>(
     stream: &Arc<CudaStream>,
-    out: Out<'_, T>,        // [num_tokens, hidden]
-    table: In<'_, bf16>,    // [vocab, hidden]
-    ids: In<'_, i32>,       // [num_tokens]
+    out: Out<'_, T>,     // [num_tokens, hidden]
+    table: In<'_, bf16>, // [vocab, hidden]
+    ids: In<'_, i32>,    // [num_tokens]
     hidden: usize,
 ) -> Result<()> {
     const K: &str = "spindle_embedding";
-    if hidden == 0 || table.len() % hidden != 0 {
-        return Err(CudaError::shape(K, format!("table length {} not a multiple of hidden {hidden}", table.len())));
+    if hidden == 0 || !table.len().is_multiple_of(hidden) {
+        return Err(CudaError::shape(
+            K,
+            format!(
+                "table length {} not a multiple of hidden {hidden}",
+                table.len()
+            ),
+        ));
     }
     let vocab = table.len() / hidden;
     let t = ids.len();
@@ -679,7 +783,11 @@ pub fn embedding<T: EmbedOut>(
     bind(stream)?;
     let (tp, _g0) = rd!(table, stream, ffi::sp_bf16);
     let (ip, _g1) = rd!(ids, stream, i32);
-    let (t32, h32, v32) = (i32_of(K, "num_tokens", t)?, i32_of(K, "hidden", hidden)?, i32_of(K, "vocab", vocab)?);
+    let (t32, h32, v32) = (
+        i32_of(K, "num_tokens", t)?,
+        i32_of(K, "hidden", hidden)?,
+        i32_of(K, "vocab", vocab)?,
+    );
     // SAFETY: out holds num_tokens * hidden elements of T (checked), table vocab * hidden;
     // the kernel range-checks ids; guards held.
     let code = if T::F32 {
@@ -717,15 +825,26 @@ pub fn argmax(stream: &Arc<CudaStream>, out: Out<'_, i32>, logits: In<'_, f32>) 
     if rows == 0 {
         return Ok(());
     }
-    if logits.len() % rows != 0 || logits.len() == 0 {
-        return Err(CudaError::shape(K, format!("logits length {} not rows ({rows}) x vocab", logits.len())));
+    if !logits.len().is_multiple_of(rows) || logits.len() == 0 {
+        return Err(CudaError::shape(
+            K,
+            format!("logits length {} not rows ({rows}) x vocab", logits.len()),
+        ));
     }
     let vocab = logits.len() / rows;
     bind(stream)?;
     let (lp, _g0) = rd!(logits, stream, f32);
     let (op, _g1) = wr!(out, stream, i32);
     // SAFETY: logits holds rows * vocab, out rows (checked); guards held.
-    let code = unsafe { ffi::spindle_argmax(op, lp, i32_of(K, "rows", rows)?, i32_of(K, "vocab", vocab)?, cu(stream)) };
+    let code = unsafe {
+        ffi::spindle_argmax(
+            op,
+            lp,
+            i32_of(K, "rows", rows)?,
+            i32_of(K, "vocab", vocab)?,
+            cu(stream),
+        )
+    };
     CudaError::check(K, code)
 }
 
@@ -743,17 +862,30 @@ pub struct SampleParams<'a> {
 
 /// Temperature / top-k / top-p sampling with host-supplied uniforms (semantics in
 /// `kernels/spindle_kernels.h`, `spindle_sample`).
-pub fn sample(stream: &Arc<CudaStream>, out: Out<'_, i32>, logits: In<'_, f32>, p: &SampleParams<'_>) -> Result<()> {
+pub fn sample(
+    stream: &Arc<CudaStream>,
+    out: Out<'_, i32>,
+    logits: In<'_, f32>,
+    p: &SampleParams<'_>,
+) -> Result<()> {
     const K: &str = "spindle_sample";
     let rows = out.len();
-    for (what, len) in [("temperature", p.temperature.len()), ("top_k", p.top_k.len()), ("top_p", p.top_p.len()), ("uniform", p.uniform.len())] {
+    for (what, len) in [
+        ("temperature", p.temperature.len()),
+        ("top_k", p.top_k.len()),
+        ("top_p", p.top_p.len()),
+        ("uniform", p.uniform.len()),
+    ] {
         expect_len(K, what, len, rows)?;
     }
     if rows == 0 {
         return Ok(());
     }
-    if logits.len() % rows != 0 || logits.len() == 0 {
-        return Err(CudaError::shape(K, format!("logits length {} not rows ({rows}) x vocab", logits.len())));
+    if !logits.len().is_multiple_of(rows) || logits.len() == 0 {
+        return Err(CudaError::shape(
+            K,
+            format!("logits length {} not rows ({rows}) x vocab", logits.len()),
+        ));
     }
     let vocab = logits.len() / rows;
     bind(stream)?;
@@ -765,7 +897,17 @@ pub fn sample(stream: &Arc<CudaStream>, out: Out<'_, i32>, logits: In<'_, f32>, 
     let (op, _g5) = wr!(out, stream, i32);
     // SAFETY: logits holds rows * vocab, every per-row buffer rows (checked); guards held.
     let code = unsafe {
-        ffi::spindle_sample(op, lp, tp, kp, pp, up, i32_of(K, "rows", rows)?, i32_of(K, "vocab", vocab)?, cu(stream))
+        ffi::spindle_sample(
+            op,
+            lp,
+            tp,
+            kp,
+            pp,
+            up,
+            i32_of(K, "rows", rows)?,
+            i32_of(K, "vocab", vocab)?,
+            cu(stream),
+        )
     };
     CudaError::check(K, code)
 }
