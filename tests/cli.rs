@@ -248,3 +248,44 @@ fn replay_refuses_malformed_tree_files() {
         );
     }
 }
+
+#[test]
+fn the_forward_pass_loads_a_generated_checkpoint() {
+    let d = scratch("gen-forward");
+    let model = d.join("model");
+    let o = spindle(&[
+        "gen-model",
+        "--arch",
+        "qwen3",
+        "--preset",
+        "tiny",
+        "--seed",
+        "5",
+        "--out",
+        model.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tree = d.join("tree.json");
+    std::fs::write(&tree, r#"{"tokens":[1,2,3],"fork":{"join":"reuse","children":[{"tokens":[4,5]},{"tokens":[6]}]},"then":{"tokens":[7]}}"#).expect("write");
+    let out = d.join("out.json");
+    let o = spindle(&[
+        "replay",
+        "--device",
+        "cpu",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--tree",
+        tree.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("out")).expect("json");
+    let rows: Vec<Vec<f32>> =
+        serde_json::from_value(got["tree"]["then"]["logits"].clone()).expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].len(), 512, "the tiny preset's vocabulary");
+    assert!(rows[0].iter().all(|x| x.is_finite()));
+    assert_eq!(got["stats"]["steps"], 4, "prefill, two child steps, then");
+}
