@@ -13,19 +13,15 @@ use spindle::replay::{blocks_for, replay_with_stats};
 use spindle::tree_file::{Fork, NodeLogits, TreeNode};
 use spindle::{AttentionMode, Engine, EngineConfig, JoinKind};
 
-/// SplitMix64: a tiny deterministic generator so failures reproduce from the seed.
-struct Rng(u64);
+/// The library's seeded generator, so failures reproduce from the seed.
+struct Rng(spindle::generate::rng::Rng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Self {
+        Rng(spindle::generate::rng::Rng::new(seed))
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.next_u64() % n
     }
 }
 
@@ -213,7 +209,7 @@ fn compare(dense: &[Vec<f32>], got: &NodeLogits, want: &OracleNode, at: &str) ->
 
 #[test]
 fn random_trees_match_flattened_forward_and_free_every_block() {
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     let vocab = 512;
     for case in 0..40 {
         let tree = random_tree(&mut rng, 0, 3, vocab);
@@ -314,7 +310,7 @@ fn shared_prefix_is_read_once_per_step_and_layer() {
 
 #[test]
 fn a_pool_too_small_for_the_width_waits_and_preempts_without_losing_anything() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     // APR-style children: twelve tokens each, one token handed back.
     let children = (0..6)
         .map(|i| TreeNode {
