@@ -126,7 +126,8 @@ __device__ __forceinline__ Work sanitize(const AttnArgs& a, Work w) {
 template <int D, int QT, int TT>
 __device__ __forceinline__ void attn_body(const AttnArgs& a, Work w,
                                           AttnSmem<D, QT, TT>& sm) {
-    static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
+    static_assert(D % 16 == 0 && D <= 128 && kAttnThreads % (D / 2) == 0,
+                  "head_dim must be 16, 32, 64 or 128");
     static_assert(TT % 32 == 0, "token tile must be a multiple of 32");
     constexpr int DW = D / 2;                     // words per row
     constexpr int QG = kAttnThreads / DW;         // q groups in the PV phase

@@ -62,7 +62,8 @@ extern "C" int spindle_paged_decode(const SpindleDecodeParams* params, sp_stream
         p.partition_size <= 0 || p.num_rows > 0x7fffffff / p.num_q_heads ||
         p.num_kv_heads > 65535 || p.num_splits > 65535)
         return cudaErrorInvalidValue;
-    if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
+    if (p.head_dim != 16 && p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 128)
+        return cudaErrorInvalidValue;
     if (p.num_splits > 1 && (p.part_o == nullptr || p.part_lse == nullptr))
         return cudaErrorInvalidValue;
     if (p.num_rows == 0) return cudaSuccess;
@@ -88,6 +89,9 @@ extern "C" int spindle_paged_decode(const SpindleDecodeParams* params, sp_stream
     a.num_splits = p.num_splits;
     a.partition_size = p.partition_size;
     a.scale_log2 = p.scale * kLog2e;
+    // 16 and 32: small test models (tiny fixtures); 64 and 128: real ones.
+    if (p.head_dim == 16) return dispatch_gqa<16>(a, p, gqa, stream);
+    if (p.head_dim == 32) return dispatch_gqa<32>(a, p, gqa, stream);
     if (p.head_dim == 64) return dispatch_gqa<64>(a, p, gqa, stream);
     return dispatch_gqa<128>(a, p, gqa, stream);
 }

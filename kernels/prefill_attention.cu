@@ -48,7 +48,8 @@ extern "C" int spindle_prefill_attention(const SpindlePrefillParams* params, sp_
         (int64_t)p.num_blocks * p.block_size > 0x7fffffff ||
         p.num_kv_heads > 65535)
         return cudaErrorInvalidValue;
-    if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
+    if (p.head_dim != 16 && p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 128)
+        return cudaErrorInvalidValue;
     const int gqa = p.num_q_heads / p.num_kv_heads;
     const int rows_per_tile = spindle_prefill_rows_per_tile(gqa);
     if (rows_per_tile == 0) return cudaErrorInvalidValue;
@@ -74,7 +75,15 @@ extern "C" int spindle_prefill_attention(const SpindlePrefillParams* params, sp_
     a.partition_size = 1 << 30;
     a.scale_log2 = p.scale * kLog2e;
     dim3 grid(p.num_tiles, p.num_kv_heads);
-    if (p.head_dim == 64)
+    if (p.head_dim == 16)
+        prefill_kernel<16><<<grid, kAttnThreads, 0, stream>>>(
+            a, p.q_indptr, p.chunk_indptr, p.tile_group, p.tile_row, p.num_groups, gqa,
+            rows_per_tile);
+    else if (p.head_dim == 32)
+        prefill_kernel<32><<<grid, kAttnThreads, 0, stream>>>(
+            a, p.q_indptr, p.chunk_indptr, p.tile_group, p.tile_row, p.num_groups, gqa,
+            rows_per_tile);
+    else if (p.head_dim == 64)
         prefill_kernel<64><<<grid, kAttnThreads, 0, stream>>>(
             a, p.q_indptr, p.chunk_indptr, p.tile_group, p.tile_row, p.num_groups, gqa,
             rows_per_tile);

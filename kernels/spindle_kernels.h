@@ -38,6 +38,8 @@ extern "C" {
 #endif
 
 // Head dims the attention kernels are instantiated for.
+#define SPINDLE_ATTN_HEAD_DIM_16 16
+#define SPINDLE_ATTN_HEAD_DIM_32 32
 #define SPINDLE_ATTN_HEAD_DIM_64 64
 #define SPINDLE_ATTN_HEAD_DIM_128 128
 // Query vectors (rows x q-heads of one kv-head) one prefill CTA holds.
@@ -63,7 +65,7 @@ typedef struct SpindleDecodeParams {
     int32_t num_rows;
     int32_t num_q_heads;
     int32_t num_kv_heads;         // num_q_heads % num_kv_heads == 0
-    int32_t head_dim;             // 64 or 128
+    int32_t head_dim;             // 16, 32, 64 or 128
     int32_t block_size;
     int32_t num_blocks;           // chunks naming a block outside [0, num_blocks) are skipped
     int32_t num_chunks;           // length of chunk_block / chunk_start / chunk_len
@@ -99,7 +101,7 @@ typedef struct SpindlePrefillParams {
     int32_t num_tiles;
     int32_t num_q_heads;
     int32_t num_kv_heads;
-    int32_t head_dim;             // 64 or 128
+    int32_t head_dim;             // 16, 32, 64 or 128
     int32_t block_size;
     int32_t num_blocks;
     int32_t num_chunks;

@@ -30,6 +30,10 @@ pub enum SpindleError {
     /// A backend failed (device error, unsupported shape).
     #[error("backend: {0}")]
     Backend(String),
+    /// A CUDA call failed (no device, driver, cuBLAS, kernel launch or argument check).
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
     /// A tokenizer file is missing or malformed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

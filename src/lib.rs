@@ -44,6 +44,8 @@ pub mod tokenizer;
 pub mod tree;
 
 pub use backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
 pub use engine::{Engine, EngineConfig, EngineStats, StepOutput};
 pub use error::{Result, SpindleError};
 pub use plan::AttentionMode;

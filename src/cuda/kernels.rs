@@ -105,13 +105,17 @@ macro_rules! wr {
     }};
 }
 
+/// Head dims the attention kernels are instantiated for (16 and 32 serve the tiny test
+/// models; 64 and 128 real ones).
+pub const ATTN_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
 fn check_cache(kernel: &'static str, c: &KvCache<'_>) -> Result<()> {
     expect_len(kernel, "k_cache", c.k.len(), c.shape.elems())?;
     expect_len(kernel, "v_cache", c.v.len(), c.shape.elems())?;
-    if c.shape.head_dim != 64 && c.shape.head_dim != 128 {
+    if !ATTN_HEAD_DIMS.contains(&c.shape.head_dim) {
         return Err(CudaError::shape(
             kernel,
-            format!("head_dim {} not in {{64, 128}}", c.shape.head_dim),
+            format!("head_dim {} not in {ATTN_HEAD_DIMS:?}", c.shape.head_dim),
         ));
     }
     if c.shape.block_size == 0 {

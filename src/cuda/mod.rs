@@ -5,6 +5,7 @@
 //! sections 2-5 (mistral.rs-style FFI: `extern "C"` launcher -> one declaration -> one safe
 //! wrapper that checks shapes, then makes the one `unsafe` call). Toolchain: docs/gpu.md.
 
+pub mod backend;
 pub mod device;
 pub mod error;
 pub mod ffi;
