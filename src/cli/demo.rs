@@ -4,8 +4,9 @@
 //! children, all batched; then prints the trees, the stats, and the steps taken against
 //! the steps the same work would need one thread at a time.
 
+use super::device::{run_on, Device, EngineJob};
 use super::run::{print_engine_stats, print_request_stats, StreamPrinter};
-use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Result, SpindleError};
 use crate::generate::demo::workload;
@@ -30,6 +31,8 @@ pub struct DemoArgs {
     /// Write a Chrome trace (open in Perfetto) here.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
 }
 
 impl Default for DemoArgs {
@@ -38,6 +41,7 @@ impl Default for DemoArgs {
             block_size: 16,
             blocks: 256,
             trace: None,
+            device: Device::Auto,
         }
     }
 }
@@ -70,55 +74,81 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
 fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!("spindle demo: a SYNTHETIC workload.");
-    println!("  model: built-in tiny Qwen2 with RANDOM weights (2 layers, vocab 384), CPU backend");
+    println!("  model: built-in tiny Qwen2 with RANDOM weights (2 layers, vocab 384)");
     println!("  control tags (<Parallel>, <Outline>, </Thread>, <spawn>, ...) are SCRIPTED;");
     println!("  every other token is the model's own argmax (restricted to plain word pieces).");
-    println!("  The engine, forward passes, forks, joins and KV cache are real.\n");
+    println!("  The engine, forward passes, forks, joins and KV cache are real.");
     let ck = Checkpoint::open(dir)?;
     let tok = Tokenizer::from_bytes(TOKENIZER.as_bytes())?;
-    let backend = CpuBackend::load(&ck, args.blocks, args.block_size)?;
     let policy = Policy {
         thread_budget: 64,
         request_budget: 512,
         child_growth_tokens: 32,
         ..Policy::default()
     };
-    let mut g = Generator::new(Engine::new(backend, EngineConfig::default()), policy);
-    let mut ids = Vec::new();
-    for d in workload(&tok)? {
-        let id = g.add_request(d.request)?;
-        println!("request r{id}: {}", d.title);
-        ids.push(id);
-    }
-    println!("\n--- streaming (all requests share each step) ---");
-    let mut printer = StreamPrinter::new(&tok, true);
-    g.run(|e| printer.on_event(e))?;
-    printer.flush_all();
-    println!("\n--- trees ---");
-    let mut thread_steps = 0;
-    for &id in &ids {
-        if let Some(out) = g.output(id) {
-            print!("{}", out.render_tree(Some(&tok)));
-            print_request_stats(out);
-            thread_steps += out.stats.thread_steps;
-            println!();
+    let job = DemoJob {
+        args,
+        tok: &tok,
+        policy,
+    };
+    run_on(
+        args.device,
+        &ck,
+        args.blocks,
+        args.block_size,
+        EngineConfig::default(),
+        job,
+    )
+}
+
+/// The scripted workload on an engine of any backend.
+struct DemoJob<'a> {
+    args: &'a DemoArgs,
+    tok: &'a Tokenizer,
+    policy: Policy,
+}
+
+impl EngineJob for DemoJob<'_> {
+    fn run<B: Backend>(self, engine: Engine<B>) -> Result<()> {
+        let DemoJob { args, tok, policy } = self;
+        println!("  backend: {}\n", engine.backend().name());
+        let mut g = Generator::new(engine, policy);
+        let mut ids = Vec::new();
+        for d in workload(tok)? {
+            let id = g.add_request(d.request)?;
+            println!("request r{id}: {}", d.title);
+            ids.push(id);
         }
-    }
-    let stats = g.engine().stats();
-    print_engine_stats(&stats);
-    println!(
-        "steps: {} fused steps for all requests vs {} one thread at a time ({:.1}x fewer)",
-        stats.steps,
-        thread_steps,
-        thread_steps as f64 / stats.steps.max(1) as f64
-    );
-    if let Some(path) = &args.trace {
-        g.trace().write(path)?;
+        println!("\n--- streaming (all requests share each step) ---");
+        let mut printer = StreamPrinter::new(tok, true);
+        g.run(|e| printer.on_event(e))?;
+        printer.flush_all();
+        println!("\n--- trees ---");
+        let mut thread_steps = 0;
+        for &id in &ids {
+            if let Some(out) = g.output(id) {
+                print!("{}", out.render_tree(Some(tok)));
+                print_request_stats(out);
+                thread_steps += out.stats.thread_steps;
+                println!();
+            }
+        }
+        let stats = g.engine().stats();
+        print_engine_stats(&stats);
         println!(
-            "trace written to {} (open in https://ui.perfetto.dev)",
-            path.display()
+            "steps: {} fused steps for all requests vs {} one thread at a time ({:.1}x fewer)",
+            stats.steps,
+            thread_steps,
+            thread_steps as f64 / stats.steps.max(1) as f64
         );
+        if let Some(path) = &args.trace {
+            g.trace().write(path)?;
+            println!(
+                "trace written to {} (open in https://ui.perfetto.dev)",
+                path.display()
+            );
+        }
+        println!("\nThis workload is synthetic: random weights, scripted control tokens.");
+        Ok(())
     }
-    println!("\nThis workload is synthetic: random weights, scripted control tokens.");
-    Ok(())
 }

@@ -1,6 +1,10 @@
 //! `--device cpu|cuda|auto`: which backend a command runs on.
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::engine::{Engine, EngineConfig};
 use crate::error::{Result, SpindleError};
+use model_loader::Checkpoint;
 
 /// The device a command asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -50,12 +54,52 @@ fn gpu_usable() -> Result<()> {
     ))
 }
 
-/// The CUDA backend does not run whole models yet: say so instead of pretending.
-pub fn require_cpu(resolved: Resolved) -> Result<()> {
-    match resolved {
-        Resolved::Cpu => Ok(()),
-        Resolved::Cuda => Err(SpindleError::Backend(
-            "the CUDA backend runs the kernel tests and benchmarks but not whole models yet; use --device cpu".into(),
-        )),
+/// Work that runs on an engine of whichever backend the device resolved to.
+pub trait EngineJob {
+    /// Runs the job.
+    fn run<B: Backend>(self, engine: Engine<B>) -> Result<()>;
+}
+
+/// Loads `ck` on the resolved device with a pool of `blocks` blocks of `block_size`
+/// tokens and runs `job` on an engine over it.
+pub fn run_on(
+    device: Device,
+    ck: &Checkpoint,
+    blocks: usize,
+    block_size: usize,
+    cfg: EngineConfig,
+    job: impl EngineJob,
+) -> Result<()> {
+    match device.resolve()? {
+        Resolved::Cpu => job.run(Engine::new(CpuBackend::load(ck, blocks, block_size)?, cfg)),
+        Resolved::Cuda => run_cuda(ck, blocks, block_size, cfg, job),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    ck: &Checkpoint,
+    blocks: usize,
+    block_size: usize,
+    cfg: EngineConfig,
+    job: impl EngineJob,
+) -> Result<()> {
+    use crate::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
+    let opts = CudaOptions {
+        block_size,
+        pool: KvPoolSize::Blocks(blocks),
+        ..Default::default()
+    };
+    job.run(Engine::new(CudaBackend::load(ck, &opts)?, cfg))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(
+    _ck: &Checkpoint,
+    _blocks: usize,
+    _block_size: usize,
+    _cfg: EngineConfig,
+    _job: impl EngineJob,
+) -> Result<()> {
+    gpu_usable()
 }

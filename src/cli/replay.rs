@@ -1,8 +1,8 @@
 //! `spindle replay`: teacher-forces a tree file (or every case of a `reference.json`)
 //! through the engine and writes it back with every logit filled in, plus stats.
 
-use super::device::{require_cpu, Device};
-use crate::backend::cpu::CpuBackend;
+use super::device::{run_on, Device, EngineJob};
+use crate::backend::Backend;
 use crate::engine::{Engine, EngineConfig, EngineStats};
 use crate::error::{Result, SpindleError};
 use crate::plan::AttentionMode;
@@ -72,7 +72,6 @@ struct Job {
 
 /// Runs the command.
 pub fn run(args: &ReplayArgs) -> Result<()> {
-    require_cpu(args.device.resolve()?)?;
     if args.block_size == 0 {
         return Err(SpindleError::InvalidRequest(
             "--block-size must be at least 1".into(),
@@ -135,51 +134,70 @@ pub fn run(args: &ReplayArgs) -> Result<()> {
             .max()
             .unwrap_or(1)
     });
-    let backend = CpuBackend::load(&ck, blocks, args.block_size)?;
     let mode = if args.naive {
         AttentionMode::Naive
     } else {
         AttentionMode::Forked
     };
-    let mut engine = Engine::new(
-        backend,
-        EngineConfig {
-            mode,
-            ..Default::default()
-        },
-    );
-    let mut output = input.clone();
-    for job in &jobs {
-        let (logits, stats) = replay_with_stats(&mut engine, &job.tree)?;
-        let filled = job.tree.to_json(&logits);
-        let st = stats_json(&stats);
-        eprintln!(
-            "{}: {} steps, blocks peak {} (without sharing {}), kv tokens read {} (naive {})",
-            job.case
-                .map_or_else(|| "tree".to_string(), |i| format!("case {i}")),
-            stats.steps,
-            stats.blocks_peak,
-            stats.blocks_without_sharing,
-            stats.kv_tokens_read,
-            stats.kv_tokens_read_naive
-        );
-        match job.case {
-            Some(i) => {
-                let case = &mut output["cases"][i];
-                if job.sequence {
-                    case["logits"] = filled["logits"].clone();
-                } else {
-                    case["tree"] = filled;
+    let cfg = EngineConfig {
+        mode,
+        ..Default::default()
+    };
+    let job = ReplayJob {
+        jobs: &jobs,
+        output: input.clone(),
+        out: &args.out,
+    };
+    run_on(args.device, &ck, blocks, args.block_size, cfg, job)
+}
+
+/// The replay of every job on one engine, then the output file.
+struct ReplayJob<'a> {
+    jobs: &'a [Job],
+    output: Value,
+    out: &'a Path,
+}
+
+impl EngineJob for ReplayJob<'_> {
+    fn run<B: Backend>(self, mut engine: Engine<B>) -> Result<()> {
+        let ReplayJob {
+            jobs,
+            mut output,
+            out,
+        } = self;
+        eprintln!("replay on the {} backend", engine.backend().name());
+        for job in jobs {
+            let (logits, stats) = replay_with_stats(&mut engine, &job.tree)?;
+            let filled = job.tree.to_json(&logits);
+            let st = stats_json(&stats);
+            eprintln!(
+                "{}: {} steps, blocks peak {} (without sharing {}), kv tokens read {} (naive {})",
+                job.case
+                    .map_or_else(|| "tree".to_string(), |i| format!("case {i}")),
+                stats.steps,
+                stats.blocks_peak,
+                stats.blocks_without_sharing,
+                stats.kv_tokens_read,
+                stats.kv_tokens_read_naive
+            );
+            match job.case {
+                Some(i) => {
+                    let case = &mut output["cases"][i];
+                    if job.sequence {
+                        case["logits"] = filled["logits"].clone();
+                    } else {
+                        case["tree"] = filled;
+                    }
+                    case["stats"] = st;
                 }
-                case["stats"] = st;
+                None => output = json!({ "tree": filled, "stats": st }),
             }
-            None => output = json!({ "tree": filled, "stats": st }),
         }
+        let text =
+            serde_json::to_string(&output).map_err(|e| SpindleError::Backend(e.to_string()))?;
+        std::fs::write(out, text).map_err(|source| SpindleError::Io {
+            path: out.to_path_buf(),
+            source,
+        })
     }
-    let text = serde_json::to_string(&output).map_err(|e| SpindleError::Backend(e.to_string()))?;
-    std::fs::write(&args.out, text).map_err(|source| SpindleError::Io {
-        path: args.out.clone(),
-        source,
-    })?;
-    Ok(())
 }

@@ -2,8 +2,8 @@
 //! growing tree (one line per thread chunk, prefixed by its path) and ending with stats.
 //! Also the stream printer and stats report `spindle demo` shares.
 
-use super::device::{require_cpu, Device};
-use crate::backend::cpu::CpuBackend;
+use super::device::{run_on, Device, EngineJob};
+use crate::backend::Backend;
 use crate::engine::{Engine, EngineConfig, EngineStats};
 use crate::error::Result;
 use crate::generate::events::path_label;
@@ -248,7 +248,6 @@ pub fn print_engine_stats(s: &EngineStats) {
 
 /// Runs `spindle run`.
 pub fn run(args: &RunArgs) -> Result<()> {
-    require_cpu(args.device.resolve()?)?;
     let ck = Checkpoint::open(&args.model)?;
     let tok = Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
     let protocol = TagProtocol::preset(&args.protocol, &tok)?;
@@ -280,27 +279,60 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let blocks = args.blocks.unwrap_or_else(|| {
         (prompt.len() + 2 * budget).div_ceil(bs) + 2 * policy.max_width * policy.max_depth + 8
     });
-    let backend = CpuBackend::load(&ck, blocks, bs)?;
-    let mut g = Generator::new(Engine::new(backend, EngineConfig::default()), policy);
-    let id = g.add_request(Request::new(prompt, Arc::new(protocol), sampling))?;
-    println!(
-        "spindle run: {} protocol, {} KV blocks of {bs} tokens",
-        args.protocol, blocks
-    );
-    let mut printer = StreamPrinter::new(&tok, false);
-    g.run(|e| printer.on_event(e))?;
-    printer.flush_all();
-    println!();
-    if let Some(out) = g.output(id) {
-        print_request_stats(out);
-    }
-    print_engine_stats(&g.engine().stats());
-    if let Some(path) = &args.trace {
-        g.trace().write(path)?;
+    let job = RunJob {
+        args,
+        tok: &tok,
+        request: Some(Request::new(prompt, Arc::new(protocol), sampling)),
+        policy,
+        blocks,
+    };
+    run_on(args.device, &ck, blocks, bs, EngineConfig::default(), job)
+}
+
+/// Generation on an engine of any backend, streaming as it goes.
+struct RunJob<'a> {
+    args: &'a RunArgs,
+    tok: &'a Tokenizer,
+    request: Option<Request>,
+    policy: Policy,
+    blocks: usize,
+}
+
+impl EngineJob for RunJob<'_> {
+    fn run<B: Backend>(self, engine: Engine<B>) -> Result<()> {
+        let RunJob {
+            args,
+            tok,
+            request,
+            policy,
+            blocks,
+        } = self;
+        let bs = engine.backend().block_size();
+        let backend = engine.backend().name();
+        let mut g = Generator::new(engine, policy);
+        let Some(request) = request else {
+            return Ok(());
+        };
+        let id = g.add_request(request)?;
         println!(
-            "trace written to {} (open in https://ui.perfetto.dev)",
-            path.display()
+            "spindle run: {} protocol, {blocks} KV blocks of {bs} tokens, {backend} backend",
+            args.protocol
         );
+        let mut printer = StreamPrinter::new(tok, false);
+        g.run(|e| printer.on_event(e))?;
+        printer.flush_all();
+        println!();
+        if let Some(out) = g.output(id) {
+            print_request_stats(out);
+        }
+        print_engine_stats(&g.engine().stats());
+        if let Some(path) = &args.trace {
+            g.trace().write(path)?;
+            println!(
+                "trace written to {} (open in https://ui.perfetto.dev)",
+                path.display()
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
