@@ -9,7 +9,7 @@ use crate::error::{Result, SpindleError};
 use crate::kv::{BlockPool, KvView, SharedTail};
 use crate::model;
 use crate::plan::{AttentionMode, AttentionPlan, PlanThread};
-use crate::tree::{JoinKind, Pending, Thread, ThreadId, ThreadState};
+use crate::tree::{JoinKind, Pending, Thread, ThreadId, ThreadState, MAX_POSITION};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -191,6 +191,7 @@ impl<B: Backend> Engine<B> {
             ctx_pos: Vec::new(),
             next_pos: 0,
             fork_len: 0,
+            pinned_len: 0,
             fork_pos: 0,
             pending: Default::default(),
             returns: None,
@@ -204,6 +205,12 @@ impl<B: Backend> Engine<B> {
                 pos,
                 emit: true,
             });
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p >= MAX_POSITION) {
+            return Err(SpindleError::InvalidRequest(format!(
+                "position {p} is past the largest supported position {}",
+                MAX_POSITION - 1
+            )));
         }
         t.next_pos = positions.iter().max().map_or(0, |p| p + 1);
         self.threads.push(t);
@@ -227,6 +234,7 @@ impl<B: Backend> Engine<B> {
                 t.state
             )));
         }
+        check_positions(t.next_pos, tokens.len())?;
         t.feed(tokens);
         Ok(())
     }
@@ -282,6 +290,7 @@ impl<B: Backend> Engine<B> {
                 state: ThreadState::Active,
                 children: Vec::new(),
                 fork_len: view.len(),
+                pinned_len: view.len(),
                 view,
                 ctx_tokens,
                 ctx_pos,
@@ -366,6 +375,16 @@ impl<B: Backend> Engine<B> {
         }
         let children = parent.children.clone();
         let p = parent.next_pos;
+        if kind == JoinKind::Reuse {
+            if let Some(&c) = children.iter().find(|&&c| {
+                let t = &self.threads[c];
+                t.view.len() < t.ctx_tokens.len()
+            }) {
+                return Err(SpindleError::InvalidRequest(format!(
+                    "reuse join of thread {id}: child {c} gave its cache back (forked for a re-prefill join)"
+                )));
+            }
+        }
         let mut queued = Vec::new();
         let mut own_views = Vec::new();
         let mut extent = 0u32;
@@ -400,8 +419,10 @@ impl<B: Backend> Engine<B> {
             parent.ctx_pos.extend(pos);
         }
         if kind == JoinKind::Reuse {
-            parent.next_pos = p + extent;
+            parent.next_pos = p.saturating_add(extent);
+            parent.pinned_len = parent.view.len();
         }
+        check_positions(parent.next_pos, queued.len())?;
         parent.feed(&queued);
         Ok(queued.len())
     }
@@ -420,7 +441,11 @@ impl<B: Backend> Engine<B> {
 
     /// Cancels a request: releases every thread of it.
     pub fn cancel(&mut self, request: ThreadId) -> Result<()> {
-        self.thread(request)?;
+        if self.thread(request)?.parent.is_some() {
+            return Err(SpindleError::InvalidRequest(format!(
+                "cancel of thread {request}: only a request's root thread can be cancelled"
+            )));
+        }
         self.retire(request);
         Ok(())
     }
@@ -436,7 +461,7 @@ impl<B: Backend> Engine<B> {
     /// queues them again (with their positions), so nothing is lost.
     fn preempt(&mut self, id: ThreadId) {
         let t = &mut self.threads[id];
-        let keep = t.fork_len;
+        let keep = t.pinned_len;
         let mut requeue: Vec<Pending> = t.ctx_tokens[keep..]
             .iter()
             .zip(&t.ctx_pos[keep..])
@@ -497,7 +522,9 @@ impl<B: Backend> Engine<B> {
             }
             // Nothing fits: preempt the youngest thread that holds blocks of its own.
             let victim = self.threads.iter().rev().find(|t| {
-                t.state == ThreadState::Active && t.view.len() > t.fork_len && t.id != candidates[0]
+                t.state == ThreadState::Active
+                    && t.view.len() > t.pinned_len
+                    && t.id != candidates[0]
             });
             match victim.map(|t| t.id) {
                 Some(v) => {
@@ -505,12 +532,13 @@ impl<B: Backend> Engine<B> {
                     out.preempted.push(v);
                 }
                 None => {
-                    return Err(SpindleError::OutOfBlocks(format!(
-                        "{} free blocks of {} tokens cannot hold thread {}'s next tokens",
-                        self.pool.num_free(),
-                        bs,
-                        candidates[0]
-                    )))
+                    let thread = candidates[0];
+                    return Err(SpindleError::ThreadDoesNotFit {
+                        thread,
+                        request: self.threads[thread].request,
+                        free: self.pool.num_free(),
+                        block_size: bs,
+                    });
                 }
             }
         }
@@ -626,4 +654,15 @@ impl<B: Backend> Engine<B> {
         }
         Ok(())
     }
+}
+
+/// Checks that `n` tokens fed from position `next` stay within [`MAX_POSITION`].
+fn check_positions(next: u32, n: usize) -> Result<()> {
+    if next as usize + n > MAX_POSITION as usize {
+        return Err(SpindleError::InvalidRequest(format!(
+            "{n} tokens from position {next} would pass the largest supported position {}",
+            MAX_POSITION - 1
+        )));
+    }
+    Ok(())
 }

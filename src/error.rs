@@ -27,6 +27,14 @@ pub enum SpindleError {
     /// The KV pool cannot hold even one step of the work that remains.
     #[error("KV cache too small: {0}")]
     OutOfBlocks(String),
+    /// Even after preempting every other thread, this thread's next tokens do not fit.
+    #[error("KV cache too small: {free} free blocks of {block_size} tokens cannot hold the next tokens of thread {thread} (request {request})")]
+    ThreadDoesNotFit {
+        thread: usize,
+        request: usize,
+        free: usize,
+        block_size: usize,
+    },
     /// A backend failed (device error, unsupported shape).
     #[error("backend: {0}")]
     Backend(String),

@@ -4,6 +4,9 @@
 use crate::kv::KvView;
 use std::collections::VecDeque;
 
+/// Largest position a token may take (positions travel to the GPU as int32).
+pub const MAX_POSITION: u32 = i32::MAX as u32;
+
 /// Index of a thread in the engine. Never reused while the engine lives.
 pub type ThreadId = usize;
 
@@ -59,6 +62,10 @@ pub struct Thread {
     pub next_pos: u32,
     /// Context length and position when this thread was forked (its own part starts there).
     pub fork_len: usize,
+    /// Leading context tokens this thread cannot recompute as one sequence of its own: the
+    /// shared prefix, and everything up to its last KV-reuse join (children's K/V were
+    /// computed with their own visibility). Preemption keeps them.
+    pub pinned_len: usize,
     pub fork_pos: u32,
     /// Tokens queued for the next steps.
     pub pending: VecDeque<Pending>,
@@ -85,6 +92,10 @@ impl Thread {
 
     /// Queues `tokens` at the next positions.
     pub fn feed(&mut self, tokens: &[u32]) {
+        debug_assert!(
+            self.next_pos as usize + tokens.len() <= MAX_POSITION as usize + 1,
+            "positions checked by the engine"
+        );
         for &token in tokens {
             self.pending.push_back(Pending {
                 token,

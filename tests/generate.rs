@@ -540,19 +540,42 @@ fn pool_too_small_for_anything_fails_the_request_not_the_run() {
     assert!(events.iter().any(|e| matches!(e, Event::Error { .. })));
 }
 
+#[test]
+fn the_request_that_cannot_fit_fails_not_its_neighbour() {
+    let tok = tok();
+    // 4 blocks of 4 tokens: the first request's 24-token prompt can never fit; the short
+    // request added after it must still finish.
+    let mut g = generator(4, 4, small_policy());
+    let long_prompt = " the licence".repeat(12);
+    let big = g
+        .add_request(request(&tok, &long_prompt, &[(&[], "{2}<|endoftext|>")]))
+        .expect("request");
+    assert!(enc(&tok, &long_prompt).len() > 16);
+    let small = g
+        .add_request(request(&tok, "go", &[(&[], "{3}<|endoftext|>")]))
+        .expect("request");
+    run_all(&mut g);
+    assert_clean(&g);
+    assert_eq!(g.output(big).expect("ended").reason, EndReason::Error);
+    assert_ne!(g.output(small).expect("ended").reason, EndReason::Error);
+}
+
+/// Scripted tags (four children) with every free token *sampled* at temperature 0.9 from
+/// the thread's own generator, so forks and per-child seeding are both exercised.
 fn sampled(tok: &Tokenizer, seed: u64) -> Request {
-    Request::new(
-        enc(tok, "<think> Read the licence"),
-        tw(tok),
-        SamplingParams {
-            temperature: 0.9,
-            top_k: 50,
-            top_p: 0.95,
-            seed,
-            max_tokens: Some(24),
-            ..Default::default()
-        },
-    )
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_k: 50,
+        top_p: 0.95,
+        seed,
+        ..Default::default()
+    };
+    let mut source = Scripted::new(tok.special_ids()).sampling(params.clone());
+    for (path, text) in FOUR {
+        source = source.script(path, Scripted::parse(tok, text).expect("script"));
+    }
+    Request::new(enc(tok, "<think> Read the licence"), tw(tok), params)
+        .with_source(Box::new(source))
 }
 
 #[test]
@@ -562,6 +585,7 @@ fn sampling_is_reproducible_alone_or_batched() {
     let a = g.add_request(sampled(&tok, 7)).expect("request");
     run_all(&mut g);
     let alone = generated_by_path(&g, a);
+    assert_eq!(alone.len(), 5, "the root and four sampled children");
 
     let mut g = generator(256, 16, small_policy());
     g.add_request(request(&tok, "<think> other work", FOUR))

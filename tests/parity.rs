@@ -35,12 +35,14 @@ fn sequences_match_reference_logits() {
 
 #[test]
 fn trees_match_reference_logits_at_every_block_size_and_mode() {
+    let mut trees = 0;
     for name in FIXTURES {
         let r = reference(name);
         for case in r["cases"].as_array().expect("cases") {
             if case["kind"] != "tree" {
                 continue;
             }
+            trees += 1;
             for block_size in [1, 3, 16] {
                 for mode in [AttentionMode::Forked, AttentionMode::Naive] {
                     let vocab = r["cases"][0]["logits"][0].as_array().expect("row").len();
@@ -63,6 +65,10 @@ fn trees_match_reference_logits_at_every_block_size_and_mode() {
             }
         }
     }
+    assert_eq!(
+        trees, 4,
+        "every fixture tree case ran (2 llama, 1 qwen2, 1 qwen3)"
+    );
 }
 
 /// Writes `name` split over two shards with an index, in a scratch directory.

@@ -344,3 +344,111 @@ fn a_pool_too_small_for_the_width_waits_and_preempts_without_losing_anything() {
         stats.steps, stats.preemptions, stats.blocks_peak, stats.blocks_without_sharing
     );
 }
+
+/// Replays `tree` with a pool of `blocks`; `None` when the pool cannot hold it at all.
+fn replay_tight(
+    tree: &TreeNode,
+    blocks: usize,
+    block_size: usize,
+) -> Option<(NodeLogits, spindle::EngineStats)> {
+    let mut e = engine("tiny-llama", blocks, block_size, AttentionMode::Forked);
+    match replay_with_stats(&mut e, tree) {
+        Ok(r) => {
+            assert!(e.pool().all_free(), "blocks leaked under pressure");
+            e.check_refcounts().expect("refcounts");
+            Some(r)
+        }
+        Err(spindle::SpindleError::ThreadDoesNotFit { .. }) => None,
+        Err(other) => panic!("unexpected error under pressure: {other}"),
+    }
+}
+
+#[test]
+fn preemption_under_tight_pools_keeps_every_tree_exact() {
+    let mut rng = Rng::new(0xfeed);
+    let mut preempted_runs = 0;
+    let mut reuse_preempted = 0;
+    for case in 0..30 {
+        let tree = loop {
+            let t = random_tree(&mut rng, 0, 3, 512);
+            if t.fork.is_some() {
+                break t;
+            }
+        };
+        let block_size = 1 + rng.below(4) as usize;
+        let Some((_, roomy)) = replay_tight(&tree, blocks_for(&tree, block_size), block_size)
+        else {
+            panic!("case {case}: the roomy pool must fit");
+        };
+        let mut all = Vec::new();
+        let want = flatten(&tree, &mut Vec::new(), &mut 0, &mut all);
+        let dense = dense_forward(&all);
+        // Shrink the pool below the peak the tree needed until it no longer fits.
+        for cut in 1..=roomy.blocks_peak {
+            let blocks = roomy.blocks_peak - cut;
+            let Some((got, stats)) = replay_tight(&tree, blocks, block_size) else {
+                break;
+            };
+            let d = compare(
+                &dense,
+                &got,
+                &want,
+                &format!("case {case} ({blocks} blocks)"),
+            );
+            assert!(d <= 1e-3, "case {case}, {blocks} blocks: max |diff| {d}");
+            if stats.preemptions > 0 {
+                preempted_runs += 1;
+                if has_reuse(&tree) {
+                    reuse_preempted += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "{preempted_runs} runs preempted ({reuse_preempted} on trees with reuse joins), all exact"
+    );
+    assert!(
+        preempted_runs >= 10,
+        "too few runs exercised preemption: {preempted_runs}"
+    );
+    assert!(
+        reuse_preempted >= 5,
+        "too few reuse trees exercised preemption: {reuse_preempted}"
+    );
+}
+
+fn has_reuse(t: &TreeNode) -> bool {
+    t.fork
+        .as_ref()
+        .is_some_and(|f| f.join == JoinKind::Reuse || f.children.iter().any(has_reuse))
+        || t.then.as_deref().is_some_and(has_reuse)
+}
+
+#[test]
+fn preempting_a_thread_after_a_reuse_join_keeps_the_merged_cache() {
+    // The inner thread joins two children by KV reuse, then decodes; the pool forces its
+    // preemption after the join. Recomputing the merged children's tokens as one sequence
+    // would change their K/V (they must not see each other), so they stay cached.
+    let v: serde_json::Value = serde_json::from_str(
+        r#"{"tokens":[11,12,13,14],"fork":{"join":"reprefill","children":[
+            {"tokens":[21,22,23,24,25,26,27,28],"returns":[1]},
+            {"tokens":[31],"returns":[2],"fork":{"join":"reuse","children":[{"tokens":[41,42]},{"tokens":[51,52]}]},
+             "then":{"tokens":[61,62,63,64]}}]},
+          "then":{"tokens":[70]}}"#,
+    )
+    .expect("tree JSON");
+    let tree = TreeNode::parse(&v, "regression", limits(512)).expect("tree");
+    let mut all = Vec::new();
+    let want = flatten(&tree, &mut Vec::new(), &mut 0, &mut all);
+    let dense = dense_forward(&all);
+    let mut preempted = 0;
+    for blocks in 10..=20 {
+        let Some((got, stats)) = replay_tight(&tree, blocks, 1) else {
+            continue;
+        };
+        preempted += stats.preemptions;
+        let d = compare(&dense, &got, &want, &format!("{blocks} blocks"));
+        assert!(d <= 1e-3, "{blocks} blocks: max |diff| {d}");
+    }
+    assert!(preempted > 0, "the pools were meant to force preemption");
+}

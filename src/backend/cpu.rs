@@ -85,6 +85,8 @@ impl CpuBackend {
     /// Widens the checkpoint's weights to f32 and allocates a cache of `num_blocks` blocks.
     pub fn load(ck: &Checkpoint, num_blocks: usize, block_size: usize) -> Result<Self> {
         let cfg = ck.config().clone();
+        let kv_width = cfg.num_kv_heads * cfg.head_dim;
+        let cache_elems = pool_elems(num_blocks, block_size, kv_width)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
@@ -121,8 +123,12 @@ impl CpuBackend {
         let inv_freq = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
             .collect();
-        let kv_width = cfg.num_kv_heads * cfg.head_dim;
-        let cache = || vec![vec![0.0f32; num_blocks * block_size * kv_width]; cfg.num_layers];
+        let mut k_cache = Vec::with_capacity(cfg.num_layers);
+        let mut v_cache = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k_cache.push(zeroed(cache_elems)?);
+            v_cache.push(zeroed(cache_elems)?);
+        }
         Ok(Self {
             embed: load_vec(ck, "model.embed_tokens.weight")?,
             final_norm: load_vec(ck, "model.norm.weight")?,
@@ -131,8 +137,8 @@ impl CpuBackend {
             inv_freq,
             block_size,
             num_blocks,
-            k_cache: cache(),
-            v_cache: cache(),
+            k_cache,
+            v_cache,
             step: StepInput::default(),
             kv_tokens_read: 0,
             cfg,
@@ -189,6 +195,41 @@ impl CpuBackend {
             Weight::LmHead => Err(missing()),
         }
     }
+}
+
+/// Elements of one layer's K (or V) cache, or a clear error for a pool that cannot exist:
+/// a zero block size, or more slots than a `u32` slot index can name.
+fn pool_elems(num_blocks: usize, block_size: usize, kv_width: usize) -> Result<usize> {
+    if block_size == 0 {
+        return Err(SpindleError::InvalidRequest(
+            "the block size must be at least 1 token".into(),
+        ));
+    }
+    let slots = num_blocks
+        .checked_mul(block_size)
+        .filter(|&s| s <= u32::MAX as usize)
+        .ok_or_else(|| {
+            SpindleError::InvalidRequest(format!(
+                "{num_blocks} blocks of {block_size} tokens is more slots than the cache can index ({})",
+                u32::MAX
+            ))
+        })?;
+    slots.checked_mul(kv_width).ok_or_else(|| {
+        SpindleError::InvalidRequest(format!("a cache of {slots} slots does not fit in memory"))
+    })
+}
+
+/// A zeroed buffer, or an error (not an abort) when memory runs out.
+fn zeroed(elems: usize) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(elems).map_err(|_| {
+        SpindleError::InvalidRequest(format!(
+            "cannot allocate a KV cache of {} MiB per layer and kind",
+            (elems * 4) >> 20
+        ))
+    })?;
+    v.resize(elems, 0.0);
+    Ok(v)
 }
 
 /// RMSNorm of each `width`-wide row of `x` into `out` (HF: mean of squares in f32).

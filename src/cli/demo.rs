@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Result, SpindleError};
 use crate::generate::demo::workload;
-use crate::generate::{Generator, Policy};
+use crate::generate::{EndReason, Generator, Policy};
 use crate::tokenizer::Tokenizer;
 use model_loader::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -125,7 +125,13 @@ impl EngineJob for DemoJob<'_> {
         printer.flush_all();
         println!("\n--- trees ---");
         let mut thread_steps = 0;
+        let mut failed = 0;
         for &id in &ids {
+            if g.output(id)
+                .is_none_or(|out| out.reason == EndReason::Error)
+            {
+                failed += 1;
+            }
             if let Some(out) = g.output(id) {
                 print!("{}", out.render_tree(Some(tok)));
                 print_request_stats(out);
@@ -149,6 +155,12 @@ impl EngineJob for DemoJob<'_> {
             );
         }
         println!("\nThis workload is synthetic: random weights, scripted control tokens.");
+        if failed > 0 {
+            return Err(SpindleError::InvalidRequest(format!(
+                "{failed} of {} requests failed (see the errors above)",
+                ids.len()
+            )));
+        }
         Ok(())
     }
 }

@@ -5,10 +5,10 @@
 use super::device::{run_on, Device, EngineJob};
 use crate::backend::Backend;
 use crate::engine::{Engine, EngineConfig, EngineStats};
-use crate::error::Result;
+use crate::error::{Result, SpindleError};
 use crate::generate::events::path_label;
 use crate::generate::{
-    Event, Generator, Policy, Request, RequestOutput, SamplingParams, TagProtocol,
+    EndReason, Event, Generator, Policy, Request, RequestOutput, SamplingParams, TagProtocol,
 };
 use crate::tokenizer::{TextStream, Tokenizer};
 use crate::tree::ThreadId;
@@ -275,7 +275,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let budget = policy
         .request_budget
         .min(args.max_tokens.unwrap_or(usize::MAX));
-    let bs = args.block_size.max(1);
+    if args.block_size == 0 {
+        return Err(SpindleError::InvalidRequest(
+            "--block-size must be at least 1".into(),
+        ));
+    }
+    let bs = args.block_size;
     let blocks = args.blocks.unwrap_or_else(|| {
         (prompt.len() + 2 * budget).div_ceil(bs) + 2 * policy.max_width * policy.max_depth + 8
     });
@@ -322,6 +327,9 @@ impl EngineJob for RunJob<'_> {
         g.run(|e| printer.on_event(e))?;
         printer.flush_all();
         println!();
+        let failed = g
+            .output(id)
+            .is_none_or(|out| out.reason == EndReason::Error);
         if let Some(out) = g.output(id) {
             print_request_stats(out);
         }
@@ -332,6 +340,11 @@ impl EngineJob for RunJob<'_> {
                 "trace written to {} (open in https://ui.perfetto.dev)",
                 path.display()
             );
+        }
+        if failed {
+            return Err(SpindleError::InvalidRequest(
+                "the request failed (see the error above)".into(),
+            ));
         }
         Ok(())
     }

@@ -274,17 +274,10 @@ impl<B: Backend> Generator<B> {
         }
         let out = match self.engine.step() {
             Ok(out) => out,
-            Err(SpindleError::OutOfBlocks(msg)) => {
-                // Even preemption cannot make room: give up the newest request, keep the rest.
-                if let Some(&r) = self
-                    .requests
-                    .iter()
-                    .rev()
-                    .find(|(_, r)| !r.done)
-                    .map(|(id, _)| id)
-                {
-                    self.fail(r, format!("KV cache too small: {msg}"))?;
-                }
+            Err(e @ SpindleError::ThreadDoesNotFit { request, .. }) => {
+                // Even preemption cannot make room for this request's thread: give up that
+                // request, keep the rest.
+                self.fail(request, e.to_string())?;
                 return Ok(std::mem::take(&mut self.events));
             }
             Err(e) => return Err(e),
@@ -449,6 +442,10 @@ impl<B: Backend> Generator<B> {
                         "fork at depth {depth} refused (max depth {}): tags kept as text",
                         self.policy.max_depth
                     )));
+                } else if self.policy.max_width == 0 {
+                    self.events.push(problem(
+                        "fork refused: max width 0 disables forks; tags kept as text".into(),
+                    ));
                 } else if exhausted {
                     self.events.push(problem(
                         "fork refused: the request's token budget is spent".into(),
@@ -464,7 +461,7 @@ impl<B: Backend> Generator<B> {
                             spec.children.len(),
                             self.policy.max_width
                         )));
-                        spec.children.truncate(self.policy.max_width.max(1));
+                        spec.children.truncate(self.policy.max_width);
                     }
                     if let Some(c) = self.ctl.get_mut(&id) {
                         c.after = After::Fork(spec);

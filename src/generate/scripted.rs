@@ -3,7 +3,8 @@
 //! control tokens masked). The engine, forward pass and KV cache stay real; only the
 //! choice of the tags is scripted, because a random-weight model would never emit them.
 
-use super::sampler::{Decide, TokenSource};
+use super::rng::Rng;
+use super::sampler::{Decide, Sampler, SamplingParams, TokenSource};
 use crate::error::{Result, SpindleError};
 use crate::tokenizer::Tokenizer;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -24,6 +25,8 @@ pub enum ScriptItem {
 pub struct Scripted {
     scripts: HashMap<Vec<u32>, VecDeque<ScriptItem>>,
     banned: HashSet<u32>,
+    /// Samples free tokens (with each thread's own generator) instead of taking the argmax.
+    sampler: Option<Sampler>,
 }
 
 impl Scripted {
@@ -32,7 +35,15 @@ impl Scripted {
         Self {
             scripts: HashMap::new(),
             banned: banned.into_iter().collect(),
+            sampler: None,
         }
+    }
+
+    /// Free tokens are sampled with `params` (each thread's own generator) rather than the
+    /// argmax: scripted control flow with sampled text in between.
+    pub fn sampling(mut self, params: SamplingParams) -> Self {
+        self.sampler = Some(Sampler::new(params));
+        self
     }
 
     /// Appends `items` to the script of the thread at `path`.
@@ -66,7 +77,16 @@ impl Scripted {
         Ok(items)
     }
 
-    fn free_choice(&self, logits: &[f32]) -> u32 {
+    fn free_choice(&self, logits: &[f32], rng: &mut Rng) -> u32 {
+        if let Some(sampler) = &self.sampler {
+            let mut masked = logits.to_vec();
+            for &b in &self.banned {
+                if let Some(x) = masked.get_mut(b as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            return sampler.sample(&masked, rng);
+        }
         let mut best: Option<usize> = None;
         for (i, &x) in logits.iter().enumerate() {
             if self.banned.contains(&(i as u32)) || !x.is_finite() {
@@ -94,7 +114,7 @@ impl TokenSource for Scripted {
         });
         match item {
             Some(ScriptItem::Token(t)) => t,
-            Some(ScriptItem::Free(_)) | None => self.free_choice(d.logits),
+            Some(ScriptItem::Free(_)) | None => self.free_choice(d.logits, d.rng),
         }
     }
 }

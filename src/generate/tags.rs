@@ -102,6 +102,12 @@ impl TagProtocol {
         if tags.iter().any(|t| t.is_empty()) {
             return Err(SpindleError::Protocol(format!("{}: empty tag", spec.name)));
         }
+        if spec.join == JoinKind::Reuse && !spec.share_context {
+            return Err(SpindleError::Protocol(format!(
+                "{}: a reuse join needs children that share the parent's context (their positions continue the parent's)",
+                spec.name
+            )));
+        }
         if spec.join == JoinKind::Reuse && spec.after_join.is_empty() {
             return Err(SpindleError::Protocol(format!(
                 "{}: a reuse join needs tokens to feed the parent after it",
