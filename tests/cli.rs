@@ -289,3 +289,54 @@ fn the_forward_pass_loads_a_generated_checkpoint() {
     assert!(rows[0].iter().all(|x| x.is_finite()));
     assert_eq!(got["stats"]["steps"], 4, "prefill, two child steps, then");
 }
+
+#[test]
+fn demo_runs_and_says_it_is_synthetic() {
+    let o = spindle(&["demo", "--device", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("This workload is synthetic"));
+    assert!(out.contains("fused steps for all requests vs"));
+    // Forks, nested forks and both join kinds happened.
+    assert!(out.contains("Reprefill") && out.contains("Reuse"), "{out}");
+    assert!(out.contains("[1.0]"), "a nested child: {out}");
+}
+
+#[test]
+fn run_generates_with_each_protocol_and_reports_stats() {
+    let model = fixture("tiny-qwen2");
+    for protocol in ["threadweaver", "multiverse", "apr"] {
+        let o = spindle(&[
+            "run",
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--prompt",
+            "Read the licence.",
+            "--protocol",
+            protocol,
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "1",
+        ]);
+        assert!(o.status.success(), "{protocol}: {}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        for want in ["steps", "peak width", "critical path", "saved by sharing"] {
+            assert!(out.contains(want), "{protocol}: no {want:?} in {out}");
+        }
+    }
+}
+
+/// Without the `cuda` feature no GPU can be used, whatever the machine has.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_device_that_is_not_there_is_a_clear_error() {
+    let o = spindle(&["demo", "--device", "cuda"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("cuda") || err.contains("CUDA"), "{err}");
+}
