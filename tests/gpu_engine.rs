@@ -47,6 +47,16 @@ const WEIGHTS_ALONE_BOUND: f32 = 0.15;
 const TOP1: f64 = 0.95;
 
 /// `Some(reason)` when there is no usable GPU.
+/// Reports a skipped GPU test. With `SPINDLE_REQUIRE_GPU` set (the GPU run sets it) a
+/// missing GPU is a failure, so a green run on a GPU machine means the tests ran.
+fn skip(test: &str, reason: &str) {
+    assert!(
+        std::env::var_os("SPINDLE_REQUIRE_GPU").is_none(),
+        "{test}: SPINDLE_REQUIRE_GPU is set but {reason}"
+    );
+    println!("SKIPPED: {test}: {reason}");
+}
+
 fn no_gpu() -> Option<String> {
     Gpu::probe().err().map(|e| e.to_string())
 }
@@ -55,7 +65,7 @@ fn no_gpu() -> Option<String> {
 /// no cuBLAS. Any other failure fails the test.
 fn cuda_backend(test: &str, ck: &Checkpoint, opts: &CudaOptions) -> Option<CudaBackend> {
     if let Some(reason) = no_gpu() {
-        println!("SKIPPED: {test}: no CUDA driver ({reason})");
+        skip(test, &format!("no CUDA driver ({reason})"));
         return None;
     }
     match CudaBackend::load(ck, opts) {
@@ -64,7 +74,7 @@ fn cuda_backend(test: &str, ck: &Checkpoint, opts: &CudaOptions) -> Option<CudaB
             Some(b)
         }
         Err(SpindleError::Cuda(CudaError::NoDevice(reason))) => {
-            println!("SKIPPED: {test}: {reason}");
+            skip(test, &reason);
             None
         }
         Err(e) => panic!("{test}: CudaBackend::load failed: {e}"),

@@ -13,11 +13,21 @@ use spindle::cuda::{Blas, Gpu};
 
 // ------------------------------------------------------------------ harness
 
+/// Reports a skipped GPU test. With `SPINDLE_REQUIRE_GPU` set (the GPU run sets it) a
+/// missing GPU is a failure, so a green run on a GPU machine means the tests ran.
+fn skip(test: &str, reason: &str) {
+    assert!(
+        std::env::var_os("SPINDLE_REQUIRE_GPU").is_none(),
+        "{test}: SPINDLE_REQUIRE_GPU is set but {reason}"
+    );
+    println!("SKIPPED: {test}: {reason}");
+}
+
 fn gpu(test: &str) -> Option<Gpu> {
     match Gpu::new(0) {
         Ok(g) => Some(g),
         Err(e) => {
-            println!("SKIPPED: {test}: no CUDA driver ({e})");
+            skip(test, &format!("no CUDA driver ({e})"));
             None
         }
     }
@@ -1022,7 +1032,7 @@ fn linear_bf16_f32_accumulate() {
     let blas = match Blas::new(g.stream().clone()) {
         Ok(b) => b,
         Err(e) => {
-            println!("SKIPPED: {test}: no cuBLAS ({e})");
+            skip(test, &format!("no cuBLAS ({e})"));
             return;
         }
     };
