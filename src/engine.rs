@@ -10,6 +10,7 @@ use crate::kv::{BlockPool, KvView, SharedTail};
 use crate::model;
 use crate::plan::{AttentionMode, AttentionPlan, PlanThread};
 use crate::tree::{JoinKind, Pending, Thread, ThreadId, ThreadState, MAX_POSITION};
+use std::collections::BTreeSet;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -86,6 +87,9 @@ pub struct Engine<B: Backend> {
     backend: B,
     pool: BlockPool,
     threads: Vec<Thread>,
+    /// Threads not yet retired, oldest first: what every per-step scan walks, so a long
+    /// run's retired threads cost nothing per step.
+    live: BTreeSet<ThreadId>,
     cfg: EngineConfig,
     stats: EngineStats,
 }
@@ -98,6 +102,7 @@ impl<B: Backend> Engine<B> {
             backend,
             pool,
             threads: Vec::new(),
+            live: BTreeSet::new(),
             cfg,
             stats: EngineStats::default(),
         }
@@ -214,6 +219,7 @@ impl<B: Backend> Engine<B> {
         }
         t.next_pos = positions.iter().max().map_or(0, |p| p + 1);
         self.threads.push(t);
+        self.live.insert(id);
         Ok(id)
     }
 
@@ -302,6 +308,7 @@ impl<B: Backend> Engine<B> {
                 release_on_finish: join == Some(JoinKind::Reprefill),
                 all_logits: parent.all_logits,
             });
+            self.live.insert(cid);
             ids.push(cid);
         }
         let p = self.thread_mut(id)?;
@@ -437,6 +444,23 @@ impl<B: Backend> Engine<B> {
         t.view.release(&mut self.pool);
         t.pending.clear();
         t.state = ThreadState::Retired;
+        self.live.remove(&id);
+    }
+
+    /// Drops what a retired thread still remembers (its context tokens and positions), once
+    /// the caller has read what it needs, so a long run's memory does not grow with every
+    /// thread it ever ran. The id stays valid.
+    pub fn forget(&mut self, id: ThreadId) -> Result<()> {
+        let t = self.thread_mut(id)?;
+        if t.state != ThreadState::Retired {
+            return Err(SpindleError::InvalidRequest(format!(
+                "forget of thread {id}: only a retired thread can be forgotten"
+            )));
+        }
+        t.ctx_tokens = Vec::new();
+        t.ctx_pos = Vec::new();
+        t.returns = None;
+        Ok(())
     }
 
     /// Cancels a request: releases every thread of it.
@@ -452,9 +476,10 @@ impl<B: Backend> Engine<B> {
 
     /// True when some active thread has queued tokens.
     pub fn has_work(&self) -> bool {
-        self.threads
-            .iter()
-            .any(|t| t.state == ThreadState::Active && !t.pending.is_empty())
+        self.live.iter().any(|&id| {
+            let t = &self.threads[id];
+            t.state == ThreadState::Active && !t.pending.is_empty()
+        })
     }
 
     /// Preemption by recompute: drops the thread's own cached tokens past its fork point and
@@ -486,10 +511,13 @@ impl<B: Backend> Engine<B> {
         let bs = self.pool.block_size();
         let mut out = StepOutput::default();
         let candidates: Vec<ThreadId> = self
-            .threads
+            .live
             .iter()
-            .filter(|t| t.state == ThreadState::Active && !t.pending.is_empty())
-            .map(|t| t.id)
+            .copied()
+            .filter(|&id| {
+                let t = &self.threads[id];
+                t.state == ThreadState::Active && !t.pending.is_empty()
+            })
             .collect();
         if candidates.is_empty() {
             return Ok(out);
@@ -521,11 +549,16 @@ impl<B: Backend> Engine<B> {
                 break;
             }
             // Nothing fits: preempt the youngest thread that holds blocks of its own.
-            let victim = self.threads.iter().rev().find(|t| {
-                t.state == ThreadState::Active
-                    && t.view.len() > t.pinned_len
-                    && t.id != candidates[0]
-            });
+            let victim = self
+                .live
+                .iter()
+                .rev()
+                .map(|&id| &self.threads[id])
+                .find(|t| {
+                    t.state == ThreadState::Active
+                        && t.view.len() > t.pinned_len
+                        && t.id != candidates[0]
+                });
             match victim.map(|t| t.id) {
                 Some(v) => {
                     self.preempt(v);
@@ -608,10 +641,9 @@ impl<B: Backend> Engine<B> {
         self.stats.steps += 1;
         self.stats.peak_width = self.stats.peak_width.max(batch.len());
         let private: usize = self
-            .threads
+            .live
             .iter()
-            .filter(|t| t.state != ThreadState::Retired)
-            .map(|t| t.view.len().div_ceil(bs))
+            .map(|&id| self.threads[id].view.len().div_ceil(bs))
             .sum();
         self.stats.blocks_without_sharing = self.stats.blocks_without_sharing.max(private);
 

@@ -651,3 +651,27 @@ fn trace_has_thread_spans_and_batch_width_counters() {
     assert_eq!(back, trace);
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn take_output_frees_what_the_request_kept_and_the_generator_goes_on() {
+    let tok = tok();
+    let mut g = generator(256, 16, small_policy());
+    let a = g
+        .add_request(request(&tok, "<think> plan", FOUR))
+        .expect("request");
+    run_all(&mut g);
+    let out = g.take_output(a).expect("take").expect("finished");
+    assert_eq!(out.threads.len(), 5);
+    assert!(g.output(a).is_none(), "taken");
+    assert!(
+        g.engine().thread(a).expect("root").ctx_tokens.is_empty(),
+        "forgotten"
+    );
+    // The generator serves the next request as before.
+    let b = g
+        .add_request(request(&tok, "<think> plan", FOUR))
+        .expect("request");
+    run_all(&mut g);
+    assert_clean(&g);
+    assert_eq!(g.output(b).expect("finished").threads.len(), 5);
+}

@@ -238,6 +238,24 @@ impl<B: Backend> Generator<B> {
         self.outputs.get(&request)
     }
 
+    /// Removes and returns a finished request's output, and lets the engine and the
+    /// generator drop everything else they kept about its threads: a long-running caller
+    /// takes outputs this way so memory does not grow with every request served.
+    pub fn take_output(&mut self, request: usize) -> Result<Option<RequestOutput>> {
+        let Some(out) = self.outputs.remove(&request) else {
+            return Ok(None);
+        };
+        if let Some(rs) = self.requests.remove(&request) {
+            for id in rs.threads {
+                self.ctl.remove(&id);
+                if self.engine.thread(id)?.state == ThreadState::Retired {
+                    self.engine.forget(id)?;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// Every finished request's output, by id.
     pub fn outputs(&self) -> &BTreeMap<usize, RequestOutput> {
         &self.outputs
@@ -896,6 +914,7 @@ impl<B: Backend> Generator<B> {
             EndReason::Error => Vec::new(),
             _ => self.engine.thread(request)?.ctx_tokens.clone(),
         };
+
         self.events.push(Event::Finished {
             request,
             reason: reason.clone(),
