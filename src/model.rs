@@ -6,15 +6,15 @@ use crate::error::Result;
 /// Runs one fused step through every layer and returns `[logit_rows, vocab]` logits.
 pub fn forward<B: Backend>(backend: &mut B, step: &StepInput) -> Result<Vec<f32>> {
     backend.begin_step(step)?;
-    let cfg = backend.config().clone();
+    let (num_layers, qk_norm) = (backend.config().num_layers, backend.config().qk_norm);
     let mut x = backend.embed()?; // [rows, hidden]
-    for layer in 0..cfg.num_layers {
+    for layer in 0..num_layers {
         let w = |lw| Weight::Layer(layer, lw);
         let h = backend.rms_norm(&x, w(L::InputNorm))?;
         let mut q = backend.linear(&h, w(L::Q))?; // [rows, heads * head_dim]
         let mut k = backend.linear(&h, w(L::K))?; // [rows, kv_heads * head_dim]
         let v = backend.linear(&h, w(L::V))?; // [rows, kv_heads * head_dim]
-        if cfg.qk_norm {
+        if qk_norm {
             backend.head_norm(&mut q, w(L::QNorm))?;
             backend.head_norm(&mut k, w(L::KNorm))?;
         }
