@@ -675,3 +675,42 @@ fn take_output_frees_what_the_request_kept_and_the_generator_goes_on() {
     assert_clean(&g);
     assert_eq!(g.output(b).expect("finished").threads.len(), 5);
 }
+
+#[test]
+fn where_a_request_budget_cuts_does_not_depend_on_waves_or_neighbours() {
+    let tok = tok();
+    for budget in [40, 55, 65] {
+        // The budget runs out while the four children are still generating.
+        let policy = Policy {
+            child_growth_tokens: 40,
+            request_budget: budget,
+            ..small_policy()
+        };
+        let mut big = generator(256, 4, policy.clone());
+        let a = big
+            .add_request(request(&tok, "<think> plan", FOUR))
+            .expect("request");
+        run_all(&mut big);
+        let alone = generated_by_path(&big, a);
+        assert_eq!(
+            alone.len(),
+            5,
+            "budget {budget}: the root and four children"
+        );
+        // A pool that fits two children at a time, shared with another request.
+        let mut small = generator(48, 4, policy);
+        small
+            .add_request(request(&tok, "<think> other work", FOUR))
+            .expect("request");
+        let b = small
+            .add_request(request(&tok, "<think> plan", FOUR))
+            .expect("request");
+        let events = run_all(&mut small);
+        assert_clean(&small);
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Waves { .. })),
+            "budget {budget}: expected waves"
+        );
+        assert_eq!(generated_by_path(&small, b), alone, "budget {budget}");
+    }
+}

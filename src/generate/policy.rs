@@ -13,7 +13,10 @@ pub struct Policy {
     pub max_depth: usize,
     /// Most tokens a child thread may generate (the root is bounded by the request budget).
     pub thread_budget: usize,
-    /// Most tokens all threads of a request may generate together.
+    /// Most tokens all threads of a request may generate together. A fork splits what the
+    /// forking thread's share has left evenly between its children (each child's subtree
+    /// gets that much), so where a thread is cut never depends on scheduling: the same
+    /// request and seed give the same tokens alone, batched, or in memory-pressure waves.
     pub request_budget: usize,
     /// Blocks to keep free for the threads already running when a fork starts children.
     /// Children that do not fit wait and start as others finish (waves).
