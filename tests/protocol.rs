@@ -122,6 +122,12 @@ fn threadweaver_outlines_fork_one_child_per_entry() {
         actions(&p, Role::Root, &end)[..],
         [(_, Action::Malformed(_))]
     ));
+    // A preset names its tags in messages by their text.
+    let named = TagProtocol::preset("threadweaver", &t).expect("preset");
+    match &actions(&named, Role::Root, &end)[..] {
+        [(_, Action::Malformed(msg))] => assert!(msg.contains("</Thread>"), "{msg}"),
+        other => panic!("expected a malformed end tag, got {other:?}"),
+    }
 }
 
 #[test]

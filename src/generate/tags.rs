@@ -27,6 +27,7 @@ use super::protocol::{Action, ChildSpec, ForkSpec, Protocol, Role, ThreadParser,
 use crate::error::{Result, SpindleError};
 use crate::tokenizer::Tokenizer;
 use crate::tree::JoinKind;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A control tag: one or more token ids.
@@ -72,6 +73,8 @@ pub const LABELS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct TagProtocol {
     spec: Arc<TagSpec>,
+    /// Text of each tag, for readable protocol messages (empty: tags show as token ids).
+    names: Arc<HashMap<Vec<u32>, String>>,
 }
 
 fn resolve(tok: &Tokenizer, tag: &str) -> Result<Tag> {
@@ -116,7 +119,33 @@ impl TagProtocol {
         }
         Ok(Self {
             spec: Arc::new(spec),
+            names: Arc::default(),
         })
+    }
+
+    /// Names every tag by its text through `tok`, so protocol messages read `</Outlines>`
+    /// rather than token ids.
+    pub fn with_names(mut self, tok: &Tokenizer) -> Self {
+        let s = &self.spec;
+        let mut tags: Vec<&Tag> = vec![
+            &s.container.0,
+            &s.container.1,
+            &s.entry.0,
+            &s.entry.1,
+            &s.child_end,
+        ];
+        if let Some((a, b)) = &s.block {
+            tags.extend([a, b]);
+        }
+        if let Some(r) = &s.result {
+            tags.push(r);
+        }
+        let names = tags
+            .into_iter()
+            .filter_map(|t| Some((t.clone(), tok.decode(t).ok()?)))
+            .collect();
+        self.names = Arc::new(names);
+        self
     }
 
     /// The protocol's tags.
@@ -191,7 +220,7 @@ impl TagProtocol {
 
     /// A preset by name: `threadweaver`, `threadweaver-reuse`, `multiverse`, `apr`.
     pub fn preset(name: &str, tok: &Tokenizer) -> Result<Self> {
-        match name {
+        let protocol = match name {
             "threadweaver" => Self::threadweaver(tok, JoinKind::Reprefill),
             "threadweaver-reuse" => Self::threadweaver(tok, JoinKind::Reuse),
             "multiverse" => Self::multiverse(tok),
@@ -199,7 +228,8 @@ impl TagProtocol {
             other => Err(SpindleError::Protocol(format!(
                 "unknown protocol {other:?} (threadweaver, threadweaver-reuse, multiverse, apr)"
             ))),
-        }
+        }?;
+        Ok(protocol.with_names(tok))
     }
 }
 
@@ -211,6 +241,7 @@ impl Protocol for TagProtocol {
     fn parser(&self, role: Role) -> Box<dyn ThreadParser> {
         Box::new(TagParser {
             spec: self.spec.clone(),
+            names: self.names.clone(),
             role,
             blocks: 0,
             container: None,
@@ -267,6 +298,7 @@ struct Container {
 
 struct TagParser {
     spec: Arc<TagSpec>,
+    names: Arc<HashMap<Vec<u32>, String>>,
     role: Role,
     blocks: usize,
     container: Option<Container>,
@@ -274,8 +306,12 @@ struct TagParser {
     result: Option<Vec<u32>>,
 }
 
-fn text(tag: &[u32]) -> String {
-    format!("{tag:?}")
+/// A tag as text when its name is known, else as its token ids.
+fn text(names: &HashMap<Vec<u32>, String>, tag: &[u32]) -> String {
+    names
+        .get(tag)
+        .cloned()
+        .unwrap_or_else(|| format!("{tag:?}"))
 }
 
 impl TagParser {
@@ -365,7 +401,10 @@ impl ThreadParser for TagParser {
                 if self.blocks == 0 {
                     return malformed(format!(
                         "block close {} without an open; kept as text",
-                        text(&s.block.as_ref().map(|b| b.1.clone()).unwrap_or_default())
+                        text(
+                            &self.names,
+                            &s.block.as_ref().map(|b| b.1.clone()).unwrap_or_default()
+                        )
                     ));
                 }
                 self.blocks -= 1;
@@ -375,7 +414,7 @@ impl ThreadParser for TagParser {
                 if self.container.is_some() {
                     return malformed(format!(
                         "container open {} inside an open container; kept as text",
-                        text(&s.container.0)
+                        text(&self.names, &s.container.0)
                     ));
                 }
                 self.container = Some(Container::default());
@@ -389,7 +428,7 @@ impl ThreadParser for TagParser {
                 }
                 None => malformed(format!(
                     "entry {} outside a container; kept as text",
-                    text(&s.entry.0)
+                    text(&self.names, &s.entry.0)
                 )),
             },
             Kind::EntryClose => match self.container.as_mut() {
@@ -399,20 +438,20 @@ impl ThreadParser for TagParser {
                 }
                 _ => malformed(format!(
                     "entry close {} without an open; kept as text",
-                    text(&s.entry.1)
+                    text(&self.names, &s.entry.1)
                 )),
             },
             Kind::ContainerClose => {
                 let Some(c) = self.container.take() else {
                     return malformed(format!(
                         "container close {} without an open; kept as text",
-                        text(&s.container.1)
+                        text(&self.names, &s.container.1)
                     ));
                 };
                 if c.entries.is_empty() {
                     return malformed(format!(
                         "container {} closed with no entries: no fork",
-                        text(&s.container.0)
+                        text(&self.names, &s.container.0)
                     ));
                 }
                 let children = c
@@ -434,7 +473,7 @@ impl ThreadParser for TagParser {
                 if self.role == Role::Root {
                     return malformed(format!(
                         "result tag {} in a root thread; kept as text",
-                        text(s.result.as_deref().unwrap_or_default())
+                        text(&self.names, s.result.as_deref().unwrap_or_default())
                     ));
                 }
                 self.result = Some(Vec::new());
@@ -444,7 +483,7 @@ impl ThreadParser for TagParser {
                 if self.role == Role::Root {
                     return malformed(format!(
                         "child end {} in a root thread; kept as text",
-                        text(&s.child_end)
+                        text(&self.names, &s.child_end)
                     ));
                 }
                 if s.result.is_none() {
@@ -466,12 +505,15 @@ impl ThreadParser for TagParser {
         let problem = if self.container.is_some() {
             Some(format!(
                 "container {} still open when the thread ended",
-                text(&s.container.0)
+                text(&self.names, &s.container.0)
             ))
         } else if self.blocks > 0 {
             Some(format!(
                 "block {} still open when the thread ended",
-                text(&s.block.as_ref().map(|b| b.0.clone()).unwrap_or_default())
+                text(
+                    &self.names,
+                    &s.block.as_ref().map(|b| b.0.clone()).unwrap_or_default()
+                )
             ))
         } else {
             None
