@@ -63,31 +63,41 @@ mod cuda {
         let toolkit = nvcc.parent().and_then(Path::parent).unwrap().to_path_buf();
         println!("cargo:rerun-if-changed={}", nvcc.display());
 
-        // 1. Kernels -> libspindle_kernels.a (+ device link), cudart static.
+        // 1. Kernels -> libspindle_kernels.a, cudart static. Each .cu is compiled on its own
+        // (whole-program mode): cc adds `--device-c` (relocatable device code) when one build
+        // holds several .cu files, and after the device link such a binary keeps only the
+        // linked sm_80/sm_90 SASS, not the compute_90 PTX a newer GPU would JIT. The kernels
+        // call nothing across files, so separate whole-program objects lose nothing, and
+        // their fatbinaries keep SASS for sm_80 and sm_90 plus the compute_90 PTX.
         // cc recognises nvcc (and wraps host flags in -Xcompiler) only when it finds it itself,
         // through $NVCC; an explicit .compiler() would be treated as a host compiler.
         if env::var_os("NVCC").is_none() {
             env::set_var("NVCC", &nvcc);
         }
-        let mut build = cc::Build::new();
-        build
-            .cuda(true)
-            .cudart("static")
-            // -G (device debug, from the dev profile's debug=true) disables device optimisation.
-            .debug(false)
-            .opt_level(3)
-            .include(manifest.join("kernels"))
-            .flag("-lineinfo")
-            .flag("-std=c++17")
-            .flag("--expt-relaxed-constexpr")
-            .flag("-Xcompiler=-fPIC");
-        for g in GENCODE {
-            build.flag(g);
-        }
+        let mut objects = Vec::new();
         for k in KERNELS {
+            let mut build = cc::Build::new();
+            build
+                .cuda(true)
+                // -G (device debug, from the dev profile's debug=true) disables device optimisation.
+                .debug(false)
+                .opt_level(3)
+                .include(manifest.join("kernels"))
+                .flag("-lineinfo")
+                .flag("-std=c++17")
+                .flag("--expt-relaxed-constexpr")
+                .flag("-Xcompiler=-fPIC");
+            for g in GENCODE {
+                build.flag(g);
+            }
             build.file(manifest.join(k));
+            objects.extend(build.compile_intermediates());
         }
-        build.compile("spindle_kernels");
+        // Archive the objects (no .cu file in this build, so no device-link step).
+        cc::Build::new()
+            .objects(&objects)
+            .compile("spindle_kernels");
+        println!("cargo:rustc-link-lib=cudart_static");
 
         // cc's cudart search path assumes <toolkit>/targets/x86_64-linux/lib; the PyPI wheels
         // put libcudart_static.a in <toolkit>/lib (no lib64).
