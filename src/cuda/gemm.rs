@@ -83,6 +83,10 @@ impl Blas {
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0f32 };
         let stream = &self.stream;
+        // cuBLAS issues its work in whatever context is current on the calling thread, as
+        // the kernel launchers do: bind ours first (a thread that never touched the device,
+        // or last touched another one, would otherwise fail or use the wrong context).
+        stream.context().bind_to_thread()?;
         let (wp, _g0) = w.device_ptr(stream);
         let (xp, _g1) = x.device_ptr(stream);
         let (op, _g2) = out.device_ptr_mut(stream);

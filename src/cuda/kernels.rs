@@ -92,6 +92,39 @@ fn bind(stream: &CudaStream) -> Result<()> {
     Ok(stream.context().bind_to_thread()?)
 }
 
+/// Alignment, in bytes, of the K/V cache rows the attention and KV-copy kernels move with
+/// 16-byte vector loads and stores (`uint4`).
+const VEC_ALIGN: usize = 16;
+
+/// `Err(Shape)` unless device pointer `p` is a multiple of `align` bytes. A `CudaView` into
+/// the middle of a buffer can break the alignment a kernel's vector accesses need, which
+/// would otherwise be a misaligned-address fault that poisons the whole context.
+fn check_align<T>(kernel: &'static str, what: &str, p: *const T, align: usize) -> Result<()> {
+    if (p as usize).is_multiple_of(align) {
+        Ok(())
+    } else {
+        Err(CudaError::shape(
+            kernel,
+            format!("{what}: device pointer {p:?} is not {align}-byte aligned"),
+        ))
+    }
+}
+
+/// The alignments every attention kernel needs: K/V caches for `uint4` staging, q and out
+/// for the 4-byte (two bf16) loads and stores.
+fn check_attention_align(
+    kernel: &'static str,
+    q: *const ffi::sp_bf16,
+    k: *const ffi::sp_bf16,
+    v: *const ffi::sp_bf16,
+    out: *const ffi::sp_bf16,
+) -> Result<()> {
+    check_align(kernel, "k_cache", k, VEC_ALIGN)?;
+    check_align(kernel, "v_cache", v, VEC_ALIGN)?;
+    check_align(kernel, "q", q, 4)?;
+    check_align(kernel, "out", out, 4)
+}
+
 macro_rules! rd {
     ($buf:expr, $stream:expr, $t:ty) => {{
         let (p, g) = $buf.device_ptr($stream);
@@ -222,6 +255,7 @@ pub fn paged_decode(
     let (cs, _g6) = rd!(chunks.start, stream, i32);
     let (cl, _g7) = rd!(chunks.len, stream, i32);
     let (rl, _g8) = rd!(row_limit, stream, i32);
+    check_attention_align(K, q_p, k_p, v_p, o_p)?;
     let (mut po, mut pl) = (std::ptr::null_mut(), std::ptr::null_mut());
     let mut _g9 = None;
     let mut _g10 = None;
@@ -376,6 +410,7 @@ pub fn prefill_attention(
     let (rl, _g9) = rd!(row_limit, stream, i32);
     let (tg, _g10) = rd!(tile_group, stream, i32);
     let (tr, _g11) = rd!(tile_row, stream, i32);
+    check_attention_align(K, q_p, k_p, v_p, o_p)?;
     let params = ffi::SpindlePrefillParams {
         q: q_p,
         k_cache: k_p,
@@ -441,6 +476,13 @@ pub fn kv_write(
     let (kc, _g2) = wr!(k_cache, stream, ffi::sp_bf16);
     let (vc, _g3) = wr!(v_cache, stream, ffi::sp_bf16);
     let (sm, _g4) = rd!(slot_mapping, stream, i32);
+    if row.is_multiple_of(8) {
+        // The launcher then picks the 16-byte vector copy for every row.
+        check_align(K, "k", kp, VEC_ALIGN)?;
+        check_align(K, "v", vp, VEC_ALIGN)?;
+        check_align(K, "k_cache", kc, VEC_ALIGN)?;
+        check_align(K, "v_cache", vc, VEC_ALIGN)?;
+    }
     // SAFETY: lengths checked above; the kernel skips slots outside
     // [0, num_blocks * block_size); guards held across the call.
     let code = unsafe {
@@ -507,6 +549,10 @@ pub fn copy_blocks(
         let (p, g) = c.device_ptr_mut(stream);
         vp.push(p);
         guards.push(g);
+    }
+    for (i, &p) in kp.iter().chain(&vp).enumerate() {
+        let what = if i < layers { "k_caches" } else { "v_caches" };
+        check_align(K, what, p as usize as *const u8, VEC_ALIGN)?;
     }
     let kd = stream.clone_htod(&kp)?;
     let vd = stream.clone_htod(&vp)?;
