@@ -118,11 +118,7 @@ impl CpuBackend {
         } else {
             Some(load_linear(ck, "lm_head", false)?)
         };
-        let half = cfg.head_dim / 2;
-        // HF: inv_freq = 1 / theta^(2i / d), computed in f32.
-        let inv_freq = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
-            .collect();
+        let inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta);
         let mut k_cache = Vec::with_capacity(cfg.num_layers);
         let mut v_cache = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
@@ -232,8 +228,50 @@ fn zeroed(elems: usize) -> Result<Vec<f32>> {
     Ok(v)
 }
 
-/// RMSNorm of each `width`-wide row of `x` into `out` (HF: mean of squares in f32).
-fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+// The element-wise operations below are public because they are the reference the CUDA
+// kernels are tested against (tests/gpu_kernels.rs), not a second copy of them.
+
+/// RoPE frequencies of a head of `head_dim`: `[head_dim / 2]`, HF's
+/// `1 / theta^(2i / d)` computed in f32.
+pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// Rotary embedding (NeoX half-split, as HF's `rotate_half`) in place: `x` is
+/// `[rows, heads * head_dim]` with `row_width = heads * head_dim`; row r is at
+/// `positions[r]`; `inv_freq` from [`rope_inv_freq`].
+pub fn rope_rows(x: &mut [f32], row_width: usize, positions: &[u32], inv_freq: &[f32]) {
+    let half = inv_freq.len();
+    let d = 2 * half;
+    if d == 0 || row_width == 0 {
+        return;
+    }
+    for (row, &pos) in x.chunks_exact_mut(row_width).zip(positions) {
+        let pos = pos as f32;
+        for head in row.chunks_exact_mut(d) {
+            for (i, &f) in inv_freq.iter().enumerate() {
+                let (sin, cos) = (pos * f).sin_cos();
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    }
+}
+
+/// `[n]` = silu(gate) * up, element-wise (`gate` and `up` are `[n]`).
+pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect()
+}
+
+/// RMSNorm of each `width`-wide row of `x` into `out` (HF: mean of squares in f32), where
+/// `width = w.len()`.
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let width = w.len();
     for (xr, or) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
@@ -344,20 +382,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&mut self, x: &mut Mat) -> Result<()> {
-        let d = self.cfg.head_dim;
-        let half = d / 2;
-        for (r, row) in x.data.chunks_exact_mut(x.cols).enumerate() {
-            let pos = self.step.positions[r] as f32;
-            for head in row.chunks_exact_mut(d) {
-                for i in 0..half {
-                    let f = pos * self.inv_freq[i];
-                    let (sin, cos) = f.sin_cos();
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos - b * sin;
-                    head[i + half] = b * cos + a * sin;
-                }
-            }
-        }
+        rope_rows(&mut x.data, x.cols, &self.step.positions, &self.inv_freq);
         Ok(())
     }
 
@@ -395,12 +420,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&mut self, gate: &Mat, up: &Mat) -> Result<Mat> {
-        let data = gate
-            .data
-            .iter()
-            .zip(&up.data)
-            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
+        let data = silu_mul(&gate.data, &up.data);
         Ok(Mat {
             rows: gate.rows,
             cols: gate.cols,
