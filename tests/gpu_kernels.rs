@@ -1,15 +1,23 @@
 //! GPU kernel tests: every launcher in `kernels/spindle_kernels.h`, through its safe
-//! wrapper in `spindle::cuda`, against a small CPU reference written here (f32 math on
-//! bf16-rounded inputs). Without a CUDA driver every test prints
-//! `SKIPPED: <test>: no CUDA driver (<reason>)` and passes.
+//! wrapper in `spindle::cuda`, against the CPU backend's own functions (attention through
+//! `cpu_attention::attention` on a plan built from the same chunk lists, RMSNorm, RoPE and
+//! SiLU through `backend::cpu`), computed in f32 on the same bf16 inputs. Without a CUDA
+//! driver every GPU test prints `SKIPPED: <test>: no CUDA driver (<reason>)` and passes;
+//! the tests named `tolerance_*` run on the CPU alone and show that the tolerance catches
+//! the slips it is there to catch.
 #![cfg(feature = "cuda")]
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
+use spindle::backend::cpu::{rms_norm_rows, rope_inv_freq, rope_rows, silu_mul as cpu_silu_mul};
+use spindle::backend::cpu_attention::{self, AttnShape};
 use spindle::cuda::kernels::{self, CacheShape, Chunks, DecodeWorkspace, KvCache, SampleParams};
 use spindle::cuda::{Blas, Gpu};
+use spindle::kv::Chunk;
+use spindle::plan::{AttentionPlan, PlanThread};
+use spindle::AttentionMode;
 
 // ------------------------------------------------------------------ harness
 
@@ -65,6 +73,12 @@ fn f32s(x: &[bf16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
 }
 
+/// `x` rounded to bf16 and back: what a kernel that computes exactly in f32 and stores bf16
+/// would return.
+fn bf16_round(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
 fn up<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> CudaSlice<T> {
     s.clone_htod(v).expect("htod")
 }
@@ -75,22 +89,67 @@ fn down<T: cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, d: &CudaSlice<T>) ->
     v
 }
 
-#[track_caller]
-fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = (0.0f32, 0usize);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        let tol = atol + rtol * w.abs();
-        assert!(g.is_finite(), "{what}[{i}]: got {g}, want {w}");
-        if err > tol {
-            panic!("{what}[{i}]: got {g}, want {w} (err {err} > tol {tol})");
-        }
-        if err > worst.0 {
-            worst = (err, i);
+// ------------------------------------------------------------------ tolerance
+//
+// A kernel's bf16 output `g` is accepted against the f32 reference `w` when, element by
+// element, `|g - w| <= RTOL * |w| + ATOL * max|w over its row|` (a row: one query vector of
+// one head for attention, one normalised row for RMSNorm, ...).
+//
+// - RTOL = 1e-2: storing an f32 result as bf16 costs at most 2^-9 = 0.2 % relative; the
+//   kernels with two roundings (RMSNorm rounds x * rstd before the weight multiply) or an
+//   f32 sum in another order stay under 0.5 %; 1e-2 leaves a factor of two over that.
+// - ATOL = 2e-3 of the row's largest magnitude: elements that cancel to near zero are only
+//   as exact as the row's scale (f32 reordering of the same sum).
+//
+// The tolerance scales with each row: an attention row over a long view has outputs of a
+// few hundredths (an average of many values), so a fixed 2e-2 absolute bound would accept
+// anything. `tolerance_*` below show, on the CPU, that this bound rejects a reference that
+// dropped one token of a 999-token view, or the first token of every split, and accepts
+// the exact result rounded to bf16.
+
+const RTOL: f32 = 1e-2;
+const ATOL: f32 = 2e-3;
+
+/// Worst `|g - w| / tol` over all elements (`<= 1` passes), or the first failing element.
+fn check_close(
+    got: &[f32],
+    want: &[f32],
+    row_len: usize,
+    atol: f32,
+    rtol: f32,
+) -> Result<f32, String> {
+    if got.len() != want.len() || row_len == 0 || !want.len().is_multiple_of(row_len) {
+        return Err(format!(
+            "length {} vs {} (row length {row_len})",
+            got.len(),
+            want.len()
+        ));
+    }
+    let mut worst = 0.0f32;
+    for (r, (gr, wr)) in got.chunks(row_len).zip(want.chunks(row_len)).enumerate() {
+        let scale = wr.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for (i, (g, w)) in gr.iter().zip(wr).enumerate() {
+            let tol = rtol * w.abs() + atol * scale;
+            let err = (g - w).abs();
+            if !g.is_finite() || err > tol {
+                return Err(format!(
+                    "row {r} [{i}]: got {g}, want {w} (err {err:.3e} > tol {tol:.3e}, row scale {scale:.3e})"
+                ));
+            }
+            if tol > 0.0 {
+                worst = worst.max(err / tol);
+            }
         }
     }
-    println!("{what}: max abs err {:.3e} at {}", worst.0, worst.1);
+    Ok(worst)
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f32], row_len: usize, atol: f32, rtol: f32) {
+    match check_close(got, want, row_len, atol, rtol) {
+        Ok(worst) => println!("{what}: worst error {:.2} of its tolerance", worst),
+        Err(e) => panic!("{what}: {e}"),
+    }
 }
 
 // ------------------------------------------------------------------ attention reference
@@ -112,18 +171,24 @@ fn random_view(rng: &mut Rng, len: usize, num_blocks: usize, bs: usize) -> View 
     v
 }
 
-/// Contiguous view over a block chain starting at slot `offset` of the first block.
-fn chain_view(blocks: &[usize], offset: usize, len: usize, bs: usize) -> View {
+/// Contiguous view over a chain of blocks (`num_blocks` of them, in a scattered order)
+/// starting at slot `offset` of the first block.
+fn chain_view(num_blocks: usize, offset: usize, len: usize, bs: usize) -> View {
     let mut v = Vec::new();
-    let (mut pos, mut left, mut bi) = (offset, len, 0);
+    let (mut pos, mut left, mut i) = (offset, len, 0usize);
     while left > 0 {
         let n = (bs - pos).min(left);
-        v.push((blocks[bi] as i32, pos as i32, n as i32));
+        // 7919 is prime, so this visits the blocks in a scattered order.
+        v.push((((3 + 7919 * i) % num_blocks) as i32, pos as i32, n as i32));
         left -= n;
         pos = 0;
-        bi += 1;
+        i += 1;
     }
     v
+}
+
+fn view_len(v: &View) -> usize {
+    v.iter().map(|c| c.2 as usize).sum()
 }
 
 struct Csr {
@@ -171,65 +236,71 @@ impl AttnCase {
         AttnCase { shape, hq, k, v }
     }
 
-    /// out[h] for one query row.
-    fn reference(&self, q: &[f32], view: &View, limit: usize, scale: f32) -> Vec<f32> {
-        let s = self.shape;
-        let d = s.head_dim;
-        let gqa = self.hq / s.num_kv_heads;
-        let slots: Vec<usize> = view
+    /// `[rows, hq * d]` attention of `q` (`[rows, hq * d]`), row r over `views[r]` masked to
+    /// `limits[r]`, computed by the CPU backend's attention on a per-row (naive) plan built
+    /// from the same chunk lists, with scale `1 / sqrt(d)`.
+    fn reference(&self, q: &[bf16], views: &[&View], limits: &[i32]) -> Vec<f32> {
+        let threads: Vec<PlanThread> = views
             .iter()
-            .flat_map(|&(b, st, l)| {
-                (0..l).map(move |i| b as usize * s.block_size + (st + i) as usize)
+            .zip(limits)
+            .enumerate()
+            .map(|(r, (v, &limit))| PlanThread {
+                chunks: v
+                    .iter()
+                    .map(|&(block, start, len)| Chunk {
+                        block: block as u32,
+                        start: start as u32,
+                        len: len as u32,
+                    })
+                    .collect(),
+                rows: vec![(r as u32, limit as u32)],
             })
             .collect();
-        let n = limit.min(slots.len());
-        let mut out = vec![0.0f32; self.hq * d];
-        for h in 0..self.hq {
-            let kvh = h / gqa;
-            let qh = &q[h * d..(h + 1) * d];
-            let row = |slot: usize| (slot * s.num_kv_heads + kvh) * d;
-            let scores: Vec<f32> = slots[..n]
-                .iter()
-                .map(|&sl| {
-                    let kr = &self.k[row(sl)..row(sl) + d];
-                    qh.iter().zip(kr).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale
-                })
-                .collect();
-            if n == 0 {
-                continue;
-            }
-            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let p: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
-            let z: f32 = p.iter().sum();
-            for (j, &sl) in slots[..n].iter().enumerate() {
-                let vr = &self.v[row(sl)..row(sl) + d];
-                for x in 0..d {
-                    out[h * d + x] += p[j] / z * vr[x].to_f32();
-                }
-            }
-        }
+        let plan = AttentionPlan::build(&threads, AttentionMode::Naive, 0);
+        let shape = AttnShape {
+            num_heads: self.hq,
+            num_kv_heads: self.shape.num_kv_heads,
+            head_dim: self.shape.head_dim,
+            block_size: self.shape.block_size,
+        };
+        let (out, _) =
+            cpu_attention::attention(&plan, &f32s(q), &f32s(&self.k), &f32s(&self.v), shape);
         out
     }
 }
 
-fn run_decode(
-    test: &str,
+/// One decode launch: views, limits and queries over an [`AttnCase`].
+struct DecodeInput {
+    case: AttnCase,
+    views: Vec<View>,
+    limits: Vec<i32>,
+    q: Vec<bf16>,
+}
+
+impl DecodeInput {
+    fn reference(&self) -> Vec<f32> {
+        let views: Vec<&View> = self.views.iter().collect();
+        self.case.reference(&self.q, &views, &self.limits)
+    }
+}
+
+/// Rows of the given lengths over a cache of `bs`-token blocks: even rows of 100+ tokens
+/// start with a shared 100-token chain (starting mid-block), the rest is a private random
+/// tail; every third row's limit is two thirds of its view.
+fn decode_input(
     seed: u64,
     hkv: usize,
     gqa: usize,
     d: usize,
+    bs: usize,
     lens: &[usize],
-    partition: usize,
-) {
-    let Some(g) = gpu(test) else { return };
-    let st = g.stream();
+) -> DecodeInput {
     let mut rng = Rng::new(seed);
-    let bs = 16;
-    let case = AttnCase::new(&mut rng, 96, bs, hkv, hkv * gqa, d);
-    let hq = case.hq;
-    // Views: a shared prefix chain (starting mid-block) then a private random tail, with the
-    // limit sometimes below the view length.
-    let prefix = chain_view(&[3, 7, 11, 40, 41, 42, 43, 5], 5, 100, bs);
+    let max_len = lens.iter().copied().max().unwrap_or(0);
+    // Enough blocks that random chunks rarely repeat, capped for long views.
+    let num_blocks = (3 * 1600 / bs).clamp(96, 4096).max(max_len / bs / 4 + 8);
+    let case = AttnCase::new(&mut rng, num_blocks, bs, hkv, hkv * gqa, d);
+    let prefix = chain_view(num_blocks, 5 % bs, 100, bs);
     let mut views = Vec::new();
     let mut limits = Vec::new();
     for (r, &len) in lens.iter().enumerate() {
@@ -238,8 +309,8 @@ fn run_decode(
         } else {
             Vec::new()
         };
-        let have: usize = v.iter().map(|c| c.2 as usize).sum();
-        v.extend(random_view(&mut rng, len - have, case.shape.num_blocks, bs));
+        let have = view_len(&v);
+        v.extend(random_view(&mut rng, len - have, num_blocks, bs));
         views.push(v);
         limits.push(if r % 3 == 2 {
             (len * 2 / 3) as i32
@@ -247,22 +318,34 @@ fn run_decode(
             len as i32
         });
     }
-    let rows = lens.len();
-    let q = rng.bf16s(rows * hq * d, 1.0);
-    let scale = 1.0 / (d as f32).sqrt();
-    let c = csr(&views);
+    let q = rng.bf16s(lens.len() * case.hq * d, 1.0);
+    DecodeInput {
+        case,
+        views,
+        limits,
+        q,
+    }
+}
+
+/// Runs `paged_decode` on `input` and returns its `[rows, hq * d]` output.
+fn launch_decode(g: &Gpu, input: &DecodeInput, partition: usize) -> Vec<f32> {
+    let st = g.stream();
+    let case = &input.case;
+    let (hq, d) = (case.hq, case.shape.head_dim);
+    let rows = input.limits.len();
+    let c = csr(&input.views);
     let (kd, vd) = (up(st, &case.k), up(st, &case.v));
     let (qd, ip, cb, cs, cl, rl) = (
-        up(st, &q),
+        up(st, &input.q),
         up(st, &c.indptr),
         up(st, &c.block),
         up(st, &c.start),
         up(st, &c.len),
-        up(st, &limits),
+        up(st, &input.limits),
     );
     let mut out = st.alloc_zeros::<bf16>(rows * hq * d).unwrap();
     let mut ws = DecodeWorkspace::new();
-    let max_len = *lens.iter().max().unwrap();
+    let max_len = input.limits.iter().copied().max().unwrap_or(0) as usize;
     kernels::paged_decode(
         st,
         &qd,
@@ -280,24 +363,46 @@ fn run_decode(
         &rl,
         &mut out,
         hq,
-        scale,
+        1.0 / (d as f32).sqrt(),
         max_len,
         partition,
         &mut ws,
     )
     .expect("paged_decode");
-    let got = f32s(&down(st, &out));
-    let qf = f32s(&q);
-    let mut want = Vec::new();
-    for r in 0..rows {
-        want.extend(case.reference(
-            &qf[r * hq * d..(r + 1) * hq * d],
-            &views[r],
-            limits[r] as usize,
-            scale,
-        ));
-    }
-    assert_close(test, &got, &want, 2e-2, 2e-2);
+    f32s(&down(st, &out))
+}
+
+fn check_decode(test: &str, input: &DecodeInput, partition: usize) {
+    let Some(g) = gpu(test) else { return };
+    let got = launch_decode(&g, input, partition);
+    let splits = kernels::decode_num_splits(
+        input.limits.iter().copied().max().unwrap_or(0) as usize,
+        partition,
+    );
+    assert_close(
+        &format!(
+            "{test} (bs {}, partition {partition}, {splits} splits)",
+            input.case.shape.block_size
+        ),
+        &got,
+        &input.reference(),
+        input.case.shape.head_dim,
+        ATOL,
+        RTOL,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_decode(
+    test: &str,
+    seed: u64,
+    hkv: usize,
+    gqa: usize,
+    d: usize,
+    lens: &[usize],
+    partition: usize,
+) {
+    check_decode(test, &decode_input(seed, hkv, gqa, d, 16, lens), partition);
 }
 
 #[test]
@@ -368,6 +473,191 @@ fn decode_gqa5_d64_two_head_tiles() {
 }
 
 #[test]
+fn decode_long_views_8k() {
+    // Views of 8k+ tokens: many splits of 512, and one split of 9000 (no merge).
+    let input = decode_input(7, 2, 4, 128, 16, &[8200, 1, 9001, 4097]);
+    check_decode("decode_long_views_8k", &input, 512);
+    check_decode("decode_long_views_8k one split", &input, 9001);
+}
+
+#[test]
+fn decode_block_sizes_1_3_16_with_splits_ending_mid_block() {
+    // Partitions that are not multiples of the block size end every split mid-block.
+    for (bs, partition) in [(1, 7), (3, 64), (3, 100), (16, 100), (16, 40)] {
+        let input = decode_input(8 + bs as u64, 2, 4, 64, bs, &[700, 45, 301, 1, 160]);
+        check_decode(
+            &format!("decode_block_sizes bs {bs} partition {partition}"),
+            &input,
+            partition,
+        );
+    }
+}
+
+/// A view of whole and partial chunks and, for each chunk boundary b, rows with limits
+/// b - 1, b and b + 1: a mask that stops one token early or late at a chunk's edge fails.
+fn boundary_input(seed: u64, bs: usize) -> DecodeInput {
+    let mut rng = Rng::new(seed);
+    let (hkv, gqa, d) = (2, 4, 64);
+    let num_blocks = 64;
+    let case = AttnCase::new(&mut rng, num_blocks, bs, hkv, hkv * gqa, d);
+    // A chain starting mid-block, then random chunks: boundaries at block edges and inside.
+    let mut view = chain_view(num_blocks, bs / 2, 3 * bs, bs);
+    view.extend(random_view(&mut rng, 40, num_blocks, bs));
+    let mut limits = Vec::new();
+    let mut edge = 0;
+    for c in &view[..view.len() - 1] {
+        edge += c.2;
+        for l in [edge - 1, edge, edge + 1] {
+            if l >= 1 && !limits.contains(&l) {
+                limits.push(l);
+            }
+        }
+    }
+    let views = vec![view; limits.len()];
+    let q = rng.bf16s(limits.len() * case.hq * d, 1.0);
+    DecodeInput {
+        case,
+        views,
+        limits,
+        q,
+    }
+}
+
+#[test]
+fn decode_limits_beside_chunk_boundaries() {
+    for bs in [1, 3, 16] {
+        let input = boundary_input(30 + bs as u64, bs);
+        // One split, and splits of 5 that also end beside the boundaries.
+        check_decode(
+            &format!("decode_limits_beside_chunk_boundaries bs {bs}"),
+            &input,
+            512,
+        );
+        check_decode(
+            &format!("decode_limits_beside_chunk_boundaries bs {bs} split 5"),
+            &input,
+            5,
+        );
+    }
+}
+
+// ------------------------------------------------------------------ the tolerance's teeth
+// CPU only: these run without a GPU and show that the tolerance above catches a masking
+// slip on the very data the GPU tests use.
+
+/// A masking slip: a row's (view, limit) to the (view, limit) a faulty kernel would use.
+type Slip = Box<dyn Fn(&View, i32) -> (View, i32)>;
+
+/// The reference with the view of every row changed by `slip` (which returns the new view
+/// and limit), computed by the same CPU function.
+fn slipped(input: &DecodeInput, slip: impl Fn(&View, i32) -> (View, i32)) -> Vec<f32> {
+    let (views, limits): (Vec<View>, Vec<i32>) = input
+        .views
+        .iter()
+        .zip(&input.limits)
+        .map(|(v, &l)| slip(v, l))
+        .unzip();
+    let refs: Vec<&View> = views.iter().collect();
+    input.case.reference(&input.q, &refs, &limits)
+}
+
+/// `view` without its token at view index `at` (the limit shrinks by one if it covered it).
+fn drop_token(view: &View, limit: i32, at: usize) -> (View, i32) {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for &(b, s, l) in view {
+        let (lo, hi) = (pos, pos + l as usize);
+        if (lo..hi).contains(&at) {
+            let k = (at - lo) as i32;
+            if k > 0 {
+                out.push((b, s, k));
+            }
+            if k + 1 < l {
+                out.push((b, s + k + 1, l - k - 1));
+            }
+        } else {
+            out.push((b, s, l));
+        }
+        pos = hi;
+    }
+    let limit = if (at as i32) < limit {
+        limit - 1
+    } else {
+        limit
+    };
+    (out, limit)
+}
+
+#[test]
+fn tolerance_accepts_bf16_rounding() {
+    for (seed, lens) in [
+        (2u64, vec![1500, 33, 700, 1029, 5]),
+        (3, vec![513, 130, 999]),
+    ] {
+        let input = decode_input(seed, 2, 4, 128, 16, &lens);
+        let want = input.reference();
+        let worst = check_close(&bf16_round(&want), &want, 128, ATOL, RTOL)
+            .expect("the exact result stored as bf16 passes");
+        assert!(worst <= 0.5, "bf16 rounding uses {worst} of the tolerance");
+    }
+}
+
+#[test]
+fn tolerance_catches_one_dropped_token() {
+    // The slips of a kernel that masks one token too many: the first, a middle or the last
+    // visible token of a 999-token view, and the first token of every 512-token split.
+    let input = decode_input(3, 1, 8, 128, 16, &[999]);
+    let want = input.reference();
+    let slips: [(&str, Slip); 4] = [
+        ("first token", Box::new(|v: &View, l| drop_token(v, l, 0))),
+        (
+            "middle token",
+            Box::new(|v: &View, l| drop_token(v, l, 500)),
+        ),
+        (
+            "last visible token",
+            Box::new(|v: &View, l| (v.clone(), l - 1)),
+        ),
+        (
+            "first token of every split",
+            Box::new(|v: &View, l| {
+                let (v, l) = drop_token(v, l, 512);
+                drop_token(&v, l, 0)
+            }),
+        ),
+    ];
+    for (what, slip) in slips {
+        let bad = bf16_round(&slipped(&input, slip));
+        let verdict = check_close(&bad, &want, 128, ATOL, RTOL);
+        // For the record: the old fixed bound (2e-2 absolute + 2e-2 relative).
+        let old = check_close(&bad, &want, bad.len(), 0.0, 0.0).is_err()
+            && bad
+                .iter()
+                .zip(&want)
+                .any(|(b, w)| (b - w).abs() > 2e-2 + 2e-2 * w.abs());
+        println!("dropped {what}: {verdict:?}; the old 2e-2 bound would catch it: {old}");
+        assert!(
+            verdict.is_err(),
+            "a reference that dropped the {what} of a 999-token view passes the tolerance"
+        );
+    }
+    // The same slip over the multi-split case of `decode_gqa4_d128_multi_split`.
+    let input = decode_input(2, 2, 4, 128, 16, &[1500, 33, 700, 1029, 5]);
+    let want = input.reference();
+    let bad = bf16_round(&slipped(&input, |v, l| {
+        let mut out = (v.clone(), l);
+        for at in (0..view_len(v)).step_by(512).rev() {
+            out = drop_token(&out.0, out.1, at);
+        }
+        out
+    }));
+    assert!(
+        check_close(&bad, &want, 128, ATOL, RTOL).is_err(),
+        "dropping the first token of every split passes the tolerance"
+    );
+}
+
+#[test]
 fn decode_rejects_bad_shapes() {
     let Some(g) = gpu("decode_rejects_bad_shapes") else {
         return;
@@ -410,13 +700,73 @@ fn decode_rejects_bad_shapes() {
     assert!(r.is_err(), "head_dim 96 must be rejected");
 }
 
-fn run_prefill(test: &str, seed: u64, hkv: usize, gqa: usize, d: usize, groups: &[(usize, usize)]) {
-    // groups: (prefix tokens already cached, new rows); row i of a group sees prefix + i + 1.
+#[test]
+fn attention_rejects_misaligned_caches() {
+    let test = "attention_rejects_misaligned_caches";
+    let Some(g) = gpu(test) else { return };
+    let st = g.stream();
+    let shape = CacheShape {
+        num_blocks: 2,
+        block_size: 16,
+        num_kv_heads: 1,
+        head_dim: 64,
+    };
+    // A view one element into a buffer: 2-byte aligned, not 16.
+    let big = st.alloc_zeros::<bf16>(shape.elems() + 8).unwrap();
+    let kd = big.slice(1..1 + shape.elems());
+    let q = st.alloc_zeros::<bf16>(64).unwrap();
+    let (i, b, s, l, lim) = (
+        up(st, &[0i32, 1]),
+        up(st, &[0i32]),
+        up(st, &[0i32]),
+        up(st, &[4i32]),
+        up(st, &[4i32]),
+    );
+    let mut out = st.alloc_zeros::<bf16>(64).unwrap();
+    let r = kernels::paged_decode(
+        st,
+        &q,
+        &KvCache {
+            k: &kd,
+            v: &kd,
+            shape,
+        },
+        &Chunks {
+            indptr: &i,
+            block: &b,
+            start: &s,
+            len: &l,
+        },
+        &lim,
+        &mut out,
+        1,
+        1.0,
+        4,
+        512,
+        &mut DecodeWorkspace::new(),
+    );
+    match r {
+        Err(spindle::cuda::CudaError::Shape { msg, .. }) => {
+            assert!(msg.contains("aligned"), "{test}: {msg}")
+        }
+        other => panic!("{test}: a misaligned cache must be refused, got {other:?}"),
+    }
+}
+
+/// Prefill over `groups` of (cached prefix tokens, new rows) with `bs`-token blocks: row i
+/// of a group sees the prefix and new rows 0..=i.
+fn run_prefill_bs(
+    test: &str,
+    seed: u64,
+    (hkv, gqa, d, bs): (usize, usize, usize, usize),
+    groups: &[(usize, usize)],
+) {
     let Some(g) = gpu(test) else { return };
     let st = g.stream();
     let mut rng = Rng::new(seed);
-    let bs = 16;
-    let case = AttnCase::new(&mut rng, 160, bs, hkv, hkv * gqa, d);
+    let longest = groups.iter().map(|&(p, r)| p + r).max().unwrap_or(0);
+    let num_blocks = (2560 / bs).max(longest / bs / 4 + 8);
+    let case = AttnCase::new(&mut rng, num_blocks, bs, hkv, hkv * gqa, d);
     let hq = case.hq;
     let mut views = Vec::new();
     let mut q_indptr = vec![0i32];
@@ -425,7 +775,6 @@ fn run_prefill(test: &str, seed: u64, hkv: usize, gqa: usize, d: usize, groups: 
     for (gi, &(prefix, rows)) in groups.iter().enumerate() {
         let view = random_view(&mut rng, prefix + rows, case.shape.num_blocks, bs);
         for i in 0..rows {
-            // Causal inside the group: row i sees the cached prefix and new rows 0..=i.
             limits.push((prefix + i + 1) as i32);
             row_view.push(gi);
         }
@@ -473,17 +822,13 @@ fn run_prefill(test: &str, seed: u64, hkv: usize, gqa: usize, d: usize, groups: 
     )
     .expect("prefill_attention");
     let got = f32s(&down(st, &out));
-    let qf = f32s(&q);
-    let mut want = Vec::new();
-    for r in 0..rows {
-        want.extend(case.reference(
-            &qf[r * hq * d..(r + 1) * hq * d],
-            &views[row_view[r]],
-            limits[r] as usize,
-            scale,
-        ));
-    }
-    assert_close(test, &got, &want, 2e-2, 2e-2);
+    let row_views: Vec<&View> = row_view.iter().map(|&gi| &views[gi]).collect();
+    let want = case.reference(&q, &row_views, &limits);
+    assert_close(&format!("{test} (bs {bs})"), &got, &want, d, ATOL, RTOL);
+}
+
+fn run_prefill(test: &str, seed: u64, hkv: usize, gqa: usize, d: usize, groups: &[(usize, usize)]) {
+    run_prefill_bs(test, seed, (hkv, gqa, d, 16), groups);
 }
 
 #[test]
@@ -518,6 +863,28 @@ fn prefill_gqa8_d64() {
 #[test]
 fn prefill_gqa5_d64() {
     run_prefill("prefill_gqa5_d64", 14, 2, 5, 64, &[(64, 25), (3, 13)]);
+}
+
+#[test]
+fn prefill_block_sizes_1_3_16() {
+    for bs in [1, 3, 16] {
+        run_prefill_bs(
+            "prefill_block_sizes_1_3_16",
+            16 + bs as u64,
+            (2, 4, 64, bs),
+            &[(37, 20), (0, 9), (bs + 1, 3)],
+        );
+    }
+}
+
+#[test]
+fn prefill_long_prefix_8k() {
+    run_prefill_bs(
+        "prefill_long_prefix_8k",
+        17,
+        (2, 4, 128, 16),
+        &[(8190, 5), (0, 3)],
+    );
 }
 
 #[test]
@@ -578,12 +945,14 @@ fn prefill_matches_decode_rows() {
         &mut DecodeWorkspace::new(),
     )
     .unwrap();
+    // Two bf16 results of the same f32 math: each within half a bf16 step of it.
     assert_close(
         test,
         &f32s(&down(st, &o1)),
         &f32s(&down(st, &o2)),
-        1e-2,
-        1e-2,
+        128,
+        ATOL,
+        RTOL,
     );
 }
 
@@ -670,18 +1039,11 @@ fn copy_blocks_all_layers() {
 
 // ------------------------------------------------------------------ element-wise
 
+/// The CPU backend's RMSNorm (f32) of `[rows, w.len()]`.
 fn rms_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let n = w.len();
-    x.chunks(n)
-        .flat_map(|r| {
-            let ms = r.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let rstd = 1.0 / (ms + eps).sqrt();
-            r.iter()
-                .zip(w)
-                .map(move |(v, wv)| bf16::from_f32(bf16::from_f32(v * rstd).to_f32() * wv).to_f32())
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    let mut out = vec![0.0; x.len()];
+    rms_norm_rows(x, w, eps, &mut out);
+    out
 }
 
 #[test]
@@ -701,8 +1063,9 @@ fn rmsnorm_plain_and_qk_norm() {
             &format!("{test} {rows}x{n}"),
             &f32s(&down(st, &out)),
             &want,
-            2e-2,
-            2e-2,
+            n,
+            ATOL,
+            RTOL,
         );
         let mut xi = up(st, &x);
         kernels::rmsnorm_inplace(st, &mut xi, &wd, 1e-6).expect("rmsnorm_inplace");
@@ -710,8 +1073,9 @@ fn rmsnorm_plain_and_qk_norm() {
             &format!("{test} inplace {rows}x{n}"),
             &f32s(&down(st, &xi)),
             &want,
-            2e-2,
-            2e-2,
+            n,
+            ATOL,
+            RTOL,
         );
     }
 }
@@ -736,7 +1100,7 @@ fn fused_add_rmsnorm_updates_residual() {
             .collect();
         assert!(down(st, &xd) == sum, "{test}: residual stream");
         let want = rms_ref(&f32s(&sum), &f32s(&w), 1e-6);
-        assert_close(test, &f32s(&down(st, &out)), &want, 2e-2, 2e-2);
+        assert_close(test, &f32s(&down(st, &out)), &want, n, ATOL, RTOL);
     }
 }
 
@@ -754,37 +1118,34 @@ fn rope_neox_half_split() {
         let (mut qd, mut kd, pd) = (up(st, &q), up(st, &k), up(st, &pos));
         let theta = 1_000_000.0f32;
         kernels::rope_neox(st, &mut qd, &mut kd, &pd, hq, hk, d, theta).expect("rope");
+        // The CPU backend's RoPE on the same inputs.
+        let inv_freq = rope_inv_freq(d, theta);
+        let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
         let rot = |x: &[bf16], heads: usize| -> Vec<f32> {
             let mut o = f32s(x);
-            for (ti, &ps) in pos.iter().enumerate() {
-                for h in 0..heads {
-                    let b = (ti * heads + h) * d;
-                    for i in 0..d / 2 {
-                        let inv = 1.0f32 / theta.powf((2 * i) as f32 / d as f32);
-                        let a = ps as f32 * inv;
-                        let (s, c) = a.sin_cos();
-                        let (x1, x2) = (x[b + i].to_f32(), x[b + i + d / 2].to_f32());
-                        o[b + i] = x1 * c - x2 * s;
-                        o[b + i + d / 2] = x2 * c + x1 * s;
-                    }
-                }
-            }
+            rope_rows(&mut o, heads * d, &positions, &inv_freq);
             o
         };
-        assert_close(
-            &format!("{test} q"),
-            &f32s(&down(st, &qd)),
-            &rot(&q, hq),
-            2e-2,
-            2e-2,
-        );
-        assert_close(
-            &format!("{test} k"),
-            &f32s(&down(st, &kd)),
-            &rot(&k, hk),
-            2e-2,
-            2e-2,
-        );
+        for (what, dev, host, heads) in [("q", &qd, &q, hq), ("k", &kd, &k, hk)] {
+            let got = f32s(&down(st, dev));
+            let want = rot(host, heads);
+            let w = heads * d;
+            for (ti, &p) in pos.iter().enumerate() {
+                // Both sides compute the angle p * inv_freq in f32, but powf and sincosf
+                // may differ by a few ulp between CUDA and Rust: an angle error of up to
+                // p * 3 * 2^-23 (0.011 rad at p = 32000) moves an output by that times the
+                // pair's magnitude, so the absolute part grows with the position.
+                let atol = ATOL + p as f32 * 6e-7;
+                assert_close(
+                    &format!("{test} {what} d={d} pos {p}"),
+                    &got[ti * w..(ti + 1) * w],
+                    &want[ti * w..(ti + 1) * w],
+                    d,
+                    atol,
+                    RTOL,
+                );
+            }
+        }
     }
 }
 
@@ -796,17 +1157,18 @@ fn silu_mul_merged_and_split() {
     let mut rng = Rng::new(34);
     let (rows, n) = (5, 333);
     let gu = rng.bf16s(rows * 2 * n, 3.0);
-    let silu = |x: f32| x / (1.0 + (-x).exp());
-    let mut want = Vec::new();
-    for r in 0..rows {
-        for c in 0..n {
-            want.push(silu(gu[r * 2 * n + c].to_f32()) * gu[r * 2 * n + n + c].to_f32());
-        }
-    }
+    // The CPU backend's SiLU x up on the same halves.
+    let (gate_f, up_f): (Vec<f32>, Vec<f32>) = (0..rows * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            (gu[r * 2 * n + c].to_f32(), gu[r * 2 * n + n + c].to_f32())
+        })
+        .unzip();
+    let want = cpu_silu_mul(&gate_f, &up_f);
     let gd = up(st, &gu);
     let mut out = st.alloc_zeros::<bf16>(rows * n).unwrap();
     kernels::silu_mul(st, &mut out, &gd, n).expect("silu_mul");
-    assert_close(test, &f32s(&down(st, &out)), &want, 2e-2, 2e-2);
+    assert_close(test, &f32s(&down(st, &out)), &want, n, ATOL, RTOL);
     let gate: Vec<bf16> = (0..rows)
         .flat_map(|r| gu[r * 2 * n..r * 2 * n + n].to_vec())
         .collect();
@@ -820,8 +1182,9 @@ fn silu_mul_merged_and_split() {
         &format!("{test} split"),
         &f32s(&down(st, &out2)),
         &want,
-        2e-2,
-        2e-2,
+        n,
+        ATOL,
+        RTOL,
     );
 }
 
@@ -849,12 +1212,20 @@ fn embedding_gather_bf16_and_f32() {
         &format!("{test} bf16"),
         &f32s(&down(st, &ob)),
         &want,
+        hidden,
         0.0,
         0.0,
     );
     let mut of = st.alloc_zeros::<f32>(ids.len() * hidden).unwrap();
     kernels::embedding(st, &mut of, &td, &idd, hidden).expect("embedding f32");
-    assert_close(&format!("{test} f32"), &down(st, &of), &want, 0.0, 0.0);
+    assert_close(
+        &format!("{test} f32"),
+        &down(st, &of),
+        &want,
+        hidden,
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -873,7 +1244,7 @@ fn bias_add_rows() {
         .enumerate()
         .map(|(i, v)| bf16::from_f32(v.to_f32() + b[i % n].to_f32()).to_f32())
         .collect();
-    assert_close(test, &f32s(&down(st, &xd)), &want, 0.0, 0.0);
+    assert_close(test, &f32s(&down(st, &xd)), &want, n, 0.0, 0.0);
 }
 
 // ------------------------------------------------------------------ sampling
@@ -1008,17 +1379,28 @@ fn sample_top_k_top_p_matches_reference() {
             uni[r],
         );
         if got[r] != want {
-            // Accept only a neighbour across a boundary within float rounding of the target.
-            let near = bounds
-                .iter()
-                .any(|&(_, c)| (c - uni[r] as f64).abs() < 1e-4);
-            let kept = bounds.iter().any(|&(i, _)| i as i32 == got[r]);
+            // Accept only the kept token right beside the reference's pick, and only when
+            // the cumulative-mass boundary between the two lies within float rounding of
+            // the uniform (the kernel sums in f32, the reference in f64). Any other token,
+            // or a boundary farther away, is a wrong pick.
+            let j = bounds.iter().position(|&(i, _)| i as i32 == want);
+            let beside = j.and_then(|j| {
+                if j + 1 < bounds.len() && bounds[j + 1].0 as i32 == got[r] {
+                    Some(bounds[j].1)
+                } else if j > 0 && bounds[j - 1].0 as i32 == got[r] {
+                    Some(bounds[j - 1].1)
+                } else {
+                    None
+                }
+            });
+            let boundary_gap = beside.map(|c| (c - uni[r] as f64).abs());
             assert!(
-                near && kept,
-                "{test}: row {r} cfg {:?}: got {}, want {want}",
+                boundary_gap.is_some_and(|gap| gap < 1e-5),
+                "{test}: row {r} cfg {:?}: got {}, want {want} (boundary gap {boundary_gap:?})",
                 cfgs[r % cfgs.len()],
                 got[r]
             );
+            println!("{test}: row {r}: neighbour across a boundary {boundary_gap:?} from u");
         }
     }
 }
@@ -1053,7 +1435,9 @@ fn linear_bf16_f32_accumulate() {
     let mut of = st.alloc_zeros::<f32>(m * n).unwrap();
     blas.linear(&xd, &wd, &mut of, m, n, k, false)
         .expect("linear f32");
-    assert_close(&format!("{test} f32"), &down(st, &of), &want, 1e-3, 1e-3);
+    // f32 output: the same exact bf16 products, summed in another order (and tensor cores'
+    // accumulation): 1e-3 of the row's scale is far above that and far below a wrong term.
+    assert_close(&format!("{test} f32"), &down(st, &of), &want, n, 1e-3, 1e-3);
     blas.linear(&xd, &wd, &mut of, m, n, k, true)
         .expect("linear accumulate");
     let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
@@ -1061,7 +1445,8 @@ fn linear_bf16_f32_accumulate() {
         &format!("{test} accumulate"),
         &down(st, &of),
         &twice,
-        2e-3,
+        n,
+        1e-3,
         1e-3,
     );
     let mut ob = st.alloc_zeros::<bf16>(m * n).unwrap();
@@ -1071,8 +1456,9 @@ fn linear_bf16_f32_accumulate() {
         &format!("{test} bf16"),
         &f32s(&down(st, &ob)),
         &want,
-        2e-2,
-        2e-2,
+        n,
+        ATOL,
+        RTOL,
     );
     assert!(
         blas.linear(&xd, &wd, &mut ob, m, n + 1, k, false).is_err(),
