@@ -5,44 +5,46 @@
 //!
 //! Tolerance (docs/gpu.md, "CUDA backend"): the CPU backend is f32 and matches the
 //! reference to ~1e-5; the CUDA backend stores weights, activations and K/V in bf16 (8
-//! significant bits, relative rounding 2^-9) with f32 accumulation. The fixtures' weights
-//! are f32, so rounding them to bf16 alone already moves the logits; the calibration test
-//! `bf16_weights_alone_on_the_cpu` measures that part on the CPU (no GPU needed) and prints
-//! it: 0.116 on tiny-llama (true f32 weights), 0 on tiny-qwen2/3 (f32 files holding bf16
-//! values). We accept, per case: max |logit diff| <= `REF_MAX_ABS` = 0.25 against the
-//! reference (logits here have std ~1.2 and reach ~7), <= `CPU_MAX_ABS` = 0.15 against the
-//! CPU backend on the same bf16 weights, the top-1 token equal in >= `TOP1` = 95% of the
-//! rows, and equal on every row whose reference top-2 gap exceeds the max-|diff| bound (a
-//! flip there is not rounding). The activation part of the budget is an estimate until the
-//! first GPU run; the tests print the measured values.
+//! significant bits, relative rounding 2^-9) with f32 accumulation.
+//!
+//! - Against Hugging Face's f32 logits, the fixtures' f32 weights are rounded to bf16 too:
+//!   `tests/bf16_weights.rs` measures that part alone on the CPU (0.116 on tiny-llama, whose
+//!   weights are true f32; 0 on tiny-qwen2/3, whose f32 files hold bf16 values), so every
+//!   row may differ by `REF_MAX_ABS` = 0.25 (logits here have std ~1.2 and reach ~7).
+//! - Against the CPU backend on the same bf16 weights only activations and K/V differ, and
+//!   that error scales with the logits: every row may differ by `CPU_ROW_RMS` = 5 % of its
+//!   reference RMS (an estimate: each bf16 rounding is <= 0.2 % relative, a few dozen of
+//!   them per layer average out to well under 1 % RMS, and the row's maximum over 512
+//!   logits is about 4 RMS of that error; 5 % leaves room until the first GPU run measures
+//!   it, and the tests print the measured ratio).
+//!
+//! In both, the top-1 token must agree on >= `TOP1` = 95 % of the rows and on every row
+//! whose reference top-2 gap exceeds twice the row's bound (two logits that may each move
+//! by the bound can only swap when closer than that).
 //!
 //! Without a GPU (no libcuda, no device, or no cuBLAS) every GPU test prints
-//! `SKIPPED: <name>: <reason>` and passes.
+//! `SKIPPED: <name>: <reason>` and passes; with `SPINDLE_REQUIRE_GPU` set it fails instead.
 #![cfg(feature = "cuda")]
 
 mod common;
 
+use common::agreement::{Agreement, Bound};
 use common::*;
 use model_loader::{Arch, Checkpoint, DType, ModelConfig, TensorSpec};
-use serde_json::Value;
 use spindle::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
 use spindle::cuda::{CudaError, Gpu};
 use spindle::kv::SharedTail;
 use spindle::replay::{blocks_for, replay_with_stats};
-use spindle::tree_file::{NodeLogits, TreeNode};
+use spindle::tree_file::TreeNode;
 use spindle::{AttentionMode, CpuBackend, Engine, EngineConfig, SpindleError};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Largest accepted |logit difference| against the fixtures' f32 Hugging Face logits:
-/// bf16 weights (0.116 alone on tiny-llama, whose weights are true f32; 0 on tiny-qwen2/3,
-/// whose f32 weights are bf16 values) plus bf16 activations and K/V.
+/// bf16 weights (0.116 alone on tiny-llama) plus bf16 activations and K/V.
 const REF_MAX_ABS: f32 = 0.25;
-/// Largest accepted |logit difference| against the CPU backend on the same bf16 weights
-/// (bf16 activations and K/V only).
-const CPU_MAX_ABS: f32 = 0.15;
-/// Bound on what rounding the fixtures' weights to bf16 alone may cost (measured on the
-/// CPU by `bf16_weights_alone_on_the_cpu`: 0.116 on tiny-llama).
-const WEIGHTS_ALONE_BOUND: f32 = 0.15;
+/// Largest accepted |logit difference| against the CPU backend on the same bf16 weights,
+/// as a fraction of the reference row's RMS (bf16 activations and K/V only).
+const CPU_ROW_RMS: f32 = 0.05;
 /// Smallest accepted fraction of rows whose top-1 token agrees with the reference.
 const TOP1: f64 = 0.95;
 
@@ -78,113 +80,6 @@ fn cuda_backend(test: &str, ck: &Checkpoint, opts: &CudaOptions) -> Option<CudaB
             None
         }
         Err(e) => panic!("{test}: CudaBackend::load failed: {e}"),
-    }
-}
-
-/// Agreement of two sets of logit rows.
-#[derive(Debug, Default, Clone)]
-struct Agreement {
-    rows: usize,
-    top1_same: usize,
-    /// Reference top-2 gap of every row whose top-1 differs.
-    miss_gaps: Vec<f32>,
-    max_abs: f32,
-}
-
-impl Agreement {
-    fn add_row(&mut self, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "vocab size");
-        self.rows += 1;
-        for (a, b) in got.iter().zip(want) {
-            self.max_abs = self.max_abs.max((a - b).abs());
-        }
-        let top = |v: &[f32]| {
-            v.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-                    if x > bv {
-                        (i, x)
-                    } else {
-                        (bi, bv)
-                    }
-                })
-                .0
-        };
-        let (g, w) = (top(got), top(want));
-        if g == w {
-            self.top1_same += 1;
-        } else {
-            let mut sorted = want.to_vec();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            self.miss_gaps
-                .push(sorted[0] - sorted.get(1).copied().unwrap_or(sorted[0]));
-        }
-    }
-
-    fn add_rows(&mut self, got: &[Vec<f32>], want: &Value, what: &str) {
-        let want = want
-            .as_array()
-            .unwrap_or_else(|| panic!("{what}: reference logits missing"));
-        assert_eq!(got.len(), want.len(), "{what}: number of logit rows");
-        for (g, w) in got.iter().zip(want) {
-            let w: Vec<f32> = w
-                .as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("float") as f32)
-                .collect();
-            self.add_row(g, &w);
-        }
-    }
-
-    /// Every logit row of a tree (logits, join logits, children, then), as `tree_diff`.
-    fn add_tree(&mut self, got: &NodeLogits, want: &Value, what: &str) {
-        self.add_rows(&got.logits, &want["logits"], what);
-        if let Some(fork) = want.get("fork") {
-            if fork["join"] == "reprefill" {
-                self.add_rows(&got.join_logits, &fork["join_logits"], what);
-            }
-            let kids = fork["children"].as_array().expect("children");
-            assert_eq!(got.children.len(), kids.len(), "{what}: children");
-            for (i, (g, w)) in got.children.iter().zip(kids).enumerate() {
-                self.add_tree(g, w, &format!("{what}.children[{i}]"));
-            }
-        }
-        if let Some(then) = want.get("then") {
-            let g = got.then.as_deref().expect("then logits");
-            self.add_tree(g, then, &format!("{what}.then"));
-        }
-    }
-
-    fn top1(&self) -> f64 {
-        self.top1_same as f64 / self.rows.max(1) as f64
-    }
-
-    /// Asserts max |diff| <= `max_abs`, top-1 agreement >= `TOP1`, and agreement on every
-    /// row whose reference top-2 gap exceeds `max_abs` (a flip there is not rounding).
-    fn check(&self, what: &str, max_abs: f32) {
-        let clear_misses = self.miss_gaps.iter().filter(|&&g| g > max_abs).count();
-        println!(
-            "{what}: {} rows, max |diff| {:.4}, top-1 agreement {:.1}% (misses' reference gaps {:?})",
-            self.rows,
-            self.max_abs,
-            100.0 * self.top1(),
-            self.miss_gaps
-        );
-        assert!(
-            self.max_abs <= max_abs,
-            "{what}: max |diff| {} > {max_abs}",
-            self.max_abs
-        );
-        assert!(
-            self.top1() >= TOP1,
-            "{what}: top-1 agreement {:.3} < {TOP1}",
-            self.top1()
-        );
-        assert_eq!(
-            clear_misses, 0,
-            "{what}: top-1 differs on a row whose reference gap exceeds {max_abs}"
-        );
     }
 }
 
@@ -243,7 +138,8 @@ fn fixture_sequences_on_cuda() {
                         "{name} {} (prefill kernel {prefill_kernel}, {} steps)",
                         case["name"], stats.steps
                     ),
-                    REF_MAX_ABS,
+                    Bound::Abs(REF_MAX_ABS),
+                    TOP1,
                 );
                 assert!(e.pool().all_free(), "blocks leaked");
             }
@@ -285,7 +181,8 @@ fn fixture_trees_on_cuda() {
                             stats.kv_tokens_read,
                             stats.kv_tokens_read_naive
                         ),
-                        REF_MAX_ABS,
+                        Bound::Abs(REF_MAX_ABS),
+                        TOP1,
                     );
                     assert!(e.pool().all_free(), "blocks leaked");
                     e.check_refcounts().expect("refcounts consistent");
@@ -293,77 +190,6 @@ fn fixture_trees_on_cuda() {
             }
         }
     }
-}
-
-/// Calibration, CPU only (runs without a GPU): the fixtures with their f32 weights rounded
-/// to bf16, on the f32 CPU backend. This is the part of the CUDA backend's error that comes
-/// from the weights alone; the rest is bf16 activations and K/V.
-#[test]
-fn bf16_weights_alone_on_the_cpu() {
-    let mut worst = 0.0f32;
-    for name in FIXTURES {
-        let dir = bf16_copy(name);
-        let ck = Checkpoint::open(&dir).expect("bf16 copy opens");
-        let r = reference(name);
-        let vocab = r["cases"][0]["logits"][0].as_array().expect("row").len();
-        let mut a = Agreement::default();
-        for case in r["cases"].as_array().expect("cases") {
-            let tree = if case["kind"] == "sequence" {
-                TreeNode::sequence(serde_json::from_value(case["tokens"].clone()).expect("tokens"))
-            } else {
-                parse_tree(&case["tree"], vocab)
-            };
-            let backend = CpuBackend::load(&ck, blocks_for(&tree, 16), 16).expect("backend");
-            let mut e = Engine::new(backend, EngineConfig::default());
-            let (out, _) = replay_with_stats(&mut e, &tree).expect("replay");
-            if case["kind"] == "sequence" {
-                a.add_rows(&out.logits, &case["logits"], name);
-            } else {
-                a.add_tree(&out, &case["tree"], name);
-            }
-        }
-        // Printed for docs/gpu.md; the assertion only says the budget leaves room for the
-        // bf16 activations on top.
-        println!(
-            "{name}: bf16 weights alone (f32 math): {} rows, max |diff| {:.4}, top-1 agreement {:.1}%",
-            a.rows,
-            a.max_abs,
-            100.0 * a.top1()
-        );
-        worst = worst.max(a.max_abs);
-    }
-    assert!(
-        worst <= WEIGHTS_ALONE_BOUND,
-        "bf16 weight rounding alone moved a logit by {worst} > {WEIGHTS_ALONE_BOUND}"
-    );
-}
-
-/// The fixture's checkpoint with every tensor rounded to bf16.
-fn bf16_copy(name: &str) -> PathBuf {
-    let src = Checkpoint::open(&fixture(name)).expect("fixture");
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bf16-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::copy(fixture(name).join("config.json"), dir.join("config.json")).expect("config");
-    let tensors = src.tensors();
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.to_string(),
-            dtype: DType::BF16,
-            shape: t.shape.to_vec(),
-        })
-        .collect();
-    model_loader::write_safetensors(&dir.join("model.safetensors"), &specs, &mut |i, w| {
-        let bytes: Vec<u8> = tensors[i]
-            .to_bf16()
-            .iter()
-            .flat_map(|x| x.to_bits().to_le_bytes())
-            .collect();
-        w.write_all(&bytes)
-    })
-    .expect("write");
-    dir
 }
 
 // ------------------------------------------------------------------ CPU vs CUDA
@@ -502,7 +328,7 @@ impl<B: spindle::backend::Backend> EngineOps for Engine<B> {
 
 fn compare_with_cpu(test: &str, head_dim: usize, heads: usize, kv_heads: usize) {
     let cfg = synthetic_config(head_dim, heads, kv_heads);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("synth-d{head_dim}"));
+    let dir = scratch(&format!("synth-d{head_dim}"));
     write_synthetic(&dir, &cfg, 7 + head_dim as u64);
     let ck = Checkpoint::open(&dir).expect("synthetic checkpoint opens");
     let (blocks, bs) = (64, 16);
@@ -575,7 +401,7 @@ fn compare_with_cpu(test: &str, head_dim: usize, heads: usize, kv_heads: usize) 
             "{test}: head_dim {head_dim}, {heads}/{kv_heads} heads, {tail:?}, prefill kernel {prefill_kernel}, partition {partition}, {} steps, kv read (per-thread kernel) {}",
             p.steps,
             gpu.backend().kv_tokens_read()
-        ), CPU_MAX_ABS);
+        ), Bound::RowRms(CPU_ROW_RMS), TOP1);
     }
 }
 

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: fixture paths, engines, logit comparison.
 #![allow(dead_code)]
 
+pub mod agreement;
+
 use serde_json::Value;
 use spindle::backend::cpu::CpuBackend;
 use spindle::tree_file::{NodeLogits, TreeLimits, TreeNode};
@@ -9,10 +11,27 @@ use std::path::PathBuf;
 
 pub const FIXTURES: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"];
 
+/// The fixtures folder: `$SPINDLE_FIXTURES` when set (the GPU runner sets it, since a test
+/// binary carried to another machine has this checkout's path baked in), else
+/// `tests/fixtures` of this checkout.
+pub fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("SPINDLE_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    fixtures_dir().join(name)
+}
+
+/// A scratch folder for files a test writes: `$SPINDLE_SCRATCH/<name>` when set (the GPU
+/// runner sets it), else `<name>` under cargo's per-target temporary folder.
+pub fn scratch(name: &str) -> PathBuf {
+    match std::env::var_os("SPINDLE_SCRATCH") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name),
+    }
 }
 
 pub fn reference(name: &str) -> Value {
