@@ -11,7 +11,9 @@
 //! - the CPU plan's `kv_tokens_read` for the same tree, forked vs naive.
 //!
 //! `cargo bench --features cuda --bench gpu_attention [-- --quick] [-- --peak-gbs 3350]`.
-//! Without a GPU it prints that it was skipped and exits 0.
+//! Writes the table as CSV to `$SPINDLE_BENCH_DIR/gpu_attention.csv` (default
+//! `target/bench/`). Without a GPU it prints that it was skipped and exits 0, unless
+//! `SPINDLE_REQUIRE_GPU` is set (the GPU run sets it): then a missing GPU exits 1.
 
 use std::sync::Arc;
 
@@ -70,6 +72,10 @@ fn main() {
         }
     };
     if let Err(e) = Gpu::probe() {
+        if std::env::var_os("SPINDLE_REQUIRE_GPU").is_some() {
+            eprintln!("gpu_attention: SPINDLE_REQUIRE_GPU is set but there is no GPU ({e})");
+            std::process::exit(1);
+        }
         println!("SKIPPED: gpu_attention: no CUDA driver ({e})");
         return;
     }
@@ -152,6 +158,9 @@ fn run(args: &Args) -> Res<()> {
         "plan naive",
         "ratio",
         "ideal"
+    );
+    let mut csv = String::from(
+        "threads,prefix,own,us,unique_mb,unique_gbs,pct_peak,logical_mb,logical_gbs,plan_forked_tokens,plan_naive_tokens\n",
     );
     let mut flush = stream.alloc_zeros::<u8>(FLUSH_BYTES)?;
     let start = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
@@ -253,7 +262,25 @@ fn run(args: &Args) -> Res<()> {
             naive.kv_tokens_read as f64 / forked.kv_tokens_read.max(1) as f64,
             ideal
         );
+        csv.push_str(&format!(
+            "{n},{p},{s},{:.2},{:.3},{:.1},{:.2},{:.3},{:.1},{},{}\n",
+            t * 1e6,
+            unique / 1e6,
+            gbs(unique),
+            100.0 * gbs(unique) / args.peak_gbs,
+            logical / 1e6,
+            gbs(logical),
+            forked.kv_tokens_read,
+            naive.kv_tokens_read
+        ));
     }
+    let dir = std::env::var_os("SPINDLE_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/bench"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("gpu_attention.csv");
+    std::fs::write(&path, csv)?;
+    println!("CSV: {}", path.display());
     println!(
         "unique GB/s is the effective bandwidth a forked kernel would need to match this time; logical GB/s is what this per-thread kernel actually moves (above peak means L2/SMEM reuse across rows). ideal = n(P+S)/(P+nS)."
     );
