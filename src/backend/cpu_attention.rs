@@ -1,6 +1,7 @@
 //! Attention on the CPU by executing an [`AttentionPlan`]: each work item's K/V is gathered
 //! once and used by every query row it serves; partial results merge by log-sum-exp.
 
+use super::simd::dot;
 use crate::plan::AttentionPlan;
 
 /// Shapes of one layer's attention.
@@ -87,7 +88,7 @@ pub fn attention(
                 scores.clear();
                 scores.extend((0..visible).map(|j| {
                     let kv = &keys[j * kv_width + kvh * head_dim..][..head_dim];
-                    qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale
+                    dot(qv, kv) * scale
                 }));
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let part = &mut partials[p * num_heads + h];

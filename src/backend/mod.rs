@@ -7,6 +7,7 @@
 pub mod cpu;
 pub mod cpu_attention;
 pub mod gemm;
+pub mod simd;
 
 use crate::error::Result;
 use crate::kv::BlockCopy;
