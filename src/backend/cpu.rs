@@ -2,11 +2,11 @@
 //! against and the default where there is no GPU.
 
 use super::cpu_attention::{self, AttnShape};
-use super::gemm::matmul_wt;
+use super::packed::PackedMatrix;
 use super::{Backend, LayerWeight, StepInput, Weight};
 use crate::error::{Result, SpindleError};
 use crate::plan::AttentionPlan;
-use model_loader::{Checkpoint, ModelConfig};
+use model_loader::{Checkpoint, DType, ModelConfig, TensorView};
 
 /// `[rows, cols]` row-major f32 activations.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,9 +16,9 @@ pub struct Mat {
     pub data: Vec<f32>,
 }
 
-/// A linear layer: `[out, in]` weights and an optional `[out]` bias.
+/// A linear layer: `[out, in]` weights (packed) and an optional `[out]` bias.
 struct Linear {
-    w: Vec<f32>,
+    w: PackedMatrix,
     bias: Option<Vec<f32>>,
     out: usize,
     inp: usize,
@@ -41,7 +41,7 @@ struct Layer {
 /// f32 weights, f32 K/V cache and the current step's inputs.
 pub struct CpuBackend {
     cfg: ModelConfig,
-    embed: Vec<f32>, // [vocab, hidden]
+    embed: PackedMatrix, // [vocab, hidden]: token lookups, and the tied lm_head
     layers: Vec<Layer>,
     final_norm: Vec<f32>,
     lm_head: Option<Linear>, // None: tied to `embed`
@@ -74,11 +74,33 @@ fn load_linear(ck: &Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
         None
     };
     Ok(Linear {
-        w: t.to_f32(),
+        w: pack(&t, out, inp),
         bias,
         out,
         inp,
     })
+}
+
+/// A `[n, k]` weight packed for the GEMM: bf16 checkpoints stay bf16 (widened in the
+/// kernel), anything else becomes f32.
+fn pack(t: &TensorView<'_>, n: usize, k: usize) -> PackedMatrix {
+    match t.dtype {
+        DType::BF16 => PackedMatrix::from_bf16(&t.to_bf16(), n, k),
+        _ => PackedMatrix::from_f32(&t.to_f32(), n, k),
+    }
+}
+
+/// The `[vocab, hidden]` embedding table, packed like a linear weight.
+fn load_embedding(ck: &Checkpoint, vocab: usize, hidden: usize) -> Result<PackedMatrix> {
+    let name = "model.embed_tokens.weight";
+    let t = ck.tensor(name)?;
+    if t.shape != [vocab, hidden] {
+        return Err(SpindleError::Backend(format!(
+            "{name}: shape {:?}, expected [{vocab}, {hidden}]",
+            t.shape
+        )));
+    }
+    Ok(pack(&t, vocab, hidden))
 }
 
 impl CpuBackend {
@@ -126,7 +148,7 @@ impl CpuBackend {
             v_cache.push(zeroed(cache_elems)?);
         }
         Ok(Self {
-            embed: load_vec(ck, "model.embed_tokens.weight")?,
+            embed: load_embedding(ck, cfg.vocab_size, cfg.hidden_size)?,
             final_norm: load_vec(ck, "model.norm.weight")?,
             layers,
             lm_head,
@@ -316,15 +338,14 @@ impl Backend for CpuBackend {
 
     fn embed(&mut self) -> Result<Mat> {
         let h = self.cfg.hidden_size;
-        let mut data = Vec::with_capacity(self.step.tokens.len() * h);
-        for &t in &self.step.tokens {
-            let row = self.embed.get(t as usize * h..(t as usize + 1) * h).ok_or(
-                SpindleError::TokenOutOfVocab {
+        let mut data = vec![0.0f32; self.step.tokens.len() * h];
+        for (&t, row) in self.step.tokens.iter().zip(data.chunks_exact_mut(h)) {
+            if !self.embed.row_into(t as usize, row) {
+                return Err(SpindleError::TokenOutOfVocab {
                     token: t,
                     vocab: self.cfg.vocab_size,
-                },
-            )?;
-            data.extend_from_slice(row);
+                });
+            }
         }
         Ok(Mat {
             rows: self.step.tokens.len(),
@@ -359,7 +380,7 @@ impl Backend for CpuBackend {
                 x.cols, lin.inp
             )));
         }
-        let mut data = matmul_wt(&x.data, &lin.w, x.rows, lin.inp, lin.out);
+        let mut data = lin.w.matmul(&x.data, x.rows);
         if let Some(bias) = &lin.bias {
             for row in data.chunks_exact_mut(lin.out) {
                 for (v, b) in row.iter_mut().zip(bias) {
@@ -435,10 +456,9 @@ impl Backend for CpuBackend {
             sel.extend_from_slice(&x.data[r as usize * h..(r as usize + 1) * h]);
         }
         let m = self.step.logit_rows.len();
-        let vocab = self.cfg.vocab_size;
         Ok(match &self.lm_head {
-            Some(lin) => matmul_wt(&sel, &lin.w, m, h, vocab),
-            None => matmul_wt(&sel, &self.embed, m, h, vocab),
+            Some(lin) => lin.w.matmul(&sel, m),
+            None => self.embed.matmul(&sel, m),
         })
     }
 }

@@ -1,8 +1,10 @@
 //! Attention on the CPU by executing an [`AttentionPlan`]: each work item's K/V is gathered
-//! once and used by every query row it serves; partial results merge by log-sum-exp.
+//! once and used by every query row it serves (the rows in parallel, each compiled for
+//! AVX2 and FMA where the CPU has them); partial results merge by log-sum-exp.
 
-use super::simd::dot;
+use super::simd::{dot, has_avx2_fma};
 use crate::plan::AttentionPlan;
+use rayon::prelude::*;
 
 /// Shapes of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +22,73 @@ struct Partial {
     m: f32,
     s: f32,
     o: Vec<f32>,
+}
+
+/// One work item's staged K/V (`[tokens, kv_heads * head_dim]` each) and its shape.
+struct Staged<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    kv_width: usize,
+    head_dim: usize,
+    group: usize,
+    scale: f32,
+}
+
+impl Staged<'_> {
+    /// Every head of one query row (`q_row`, `[heads * head_dim]`) over the first `visible`
+    /// staged tokens, into its partials (one per head). `scores` is scratch.
+    fn row(&self, q_row: &[f32], visible: usize, parts: &mut [Partial], scores: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the running CPU reports AVX2 and FMA, the features `row_avx2` is
+            // compiled for; it takes only references.
+            unsafe { self.row_avx2(q_row, visible, parts, scores) };
+            return;
+        }
+        self.row_impl(q_row, visible, parts, scores);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn row_avx2(
+        &self,
+        q_row: &[f32],
+        visible: usize,
+        parts: &mut [Partial],
+        scores: &mut Vec<f32>,
+    ) {
+        self.row_impl(q_row, visible, parts, scores);
+    }
+
+    #[inline(always)]
+    fn row_impl(
+        &self,
+        q_row: &[f32],
+        visible: usize,
+        parts: &mut [Partial],
+        scores: &mut Vec<f32>,
+    ) {
+        let (d, w) = (self.head_dim, self.kv_width);
+        for (h, part) in parts.iter_mut().enumerate() {
+            let kvh = h / self.group;
+            let qv = &q_row[h * d..(h + 1) * d];
+            scores.clear();
+            scores.extend((0..visible).map(|j| {
+                let kv = &self.keys[j * w + kvh * d..][..d];
+                dot(qv, kv) * self.scale
+            }));
+            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            part.m = m;
+            for (j, &sc) in scores.iter().enumerate() {
+                let e = (sc - m).exp();
+                part.s += e;
+                let vv = &self.values[j * w + kvh * d..][..d];
+                for (o, v) in part.o.iter_mut().zip(vv) {
+                    *o += e * v;
+                }
+            }
+        }
+    }
 }
 
 /// Computes `[rows, heads * head_dim]` attention outputs of `q` (`[rows, heads * head_dim]`)
@@ -52,7 +121,6 @@ pub fn attention(
     let mut tokens_read = 0u64;
     let mut keys: Vec<f32> = Vec::new(); // [item tokens, kv_heads * head_dim]
     let mut values: Vec<f32> = Vec::new();
-    let mut scores: Vec<f32> = Vec::new();
     for item in 0..plan.num_items() {
         let view_start = plan.item_view_start[item] as usize;
         let rows = plan.item_row_ptr[item] as usize..plan.item_row_ptr[item + 1] as usize;
@@ -79,30 +147,24 @@ pub fn attention(
         }
         let staged = keys.len() / kv_width;
         tokens_read += staged as u64;
-        for p in rows {
-            let row = plan.item_rows[p] as usize;
-            let visible = (plan.row_limit[row] as usize - view_start).min(staged);
-            for h in 0..num_heads {
-                let kvh = h / group;
-                let qv = &q[row * q_width + h * head_dim..][..head_dim];
-                scores.clear();
-                scores.extend((0..visible).map(|j| {
-                    let kv = &keys[j * kv_width + kvh * head_dim..][..head_dim];
-                    dot(qv, kv) * scale
-                }));
-                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let part = &mut partials[p * num_heads + h];
-                part.m = m;
-                for (j, &sc) in scores.iter().enumerate() {
-                    let e = (sc - m).exp();
-                    part.s += e;
-                    let vv = &values[j * kv_width + kvh * head_dim..][..head_dim];
-                    for (o, v) in part.o.iter_mut().zip(vv) {
-                        *o += e * v;
-                    }
-                }
-            }
-        }
+        // Rows in parallel (each owns its partials); the staged K/V is shared read-only.
+        let staged_kv = Staged {
+            keys: &keys,
+            values: &values,
+            kv_width,
+            head_dim,
+            group,
+            scale,
+        };
+        partials[rows.start * num_heads..rows.end * num_heads]
+            .par_chunks_mut(num_heads)
+            .zip(rows)
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (parts, p)| {
+                let row = plan.item_rows[p] as usize;
+                let visible = (plan.row_limit[row] as usize - view_start).min(staged);
+                let q_row = &q[row * q_width..(row + 1) * q_width];
+                staged_kv.row(q_row, visible, parts, scores);
+            });
     }
     // Merge each row's partials in view order.
     let mut out = vec![0.0f32; plan.num_rows * q_width];

@@ -6,7 +6,7 @@
 
 pub mod cpu;
 pub mod cpu_attention;
-pub mod gemm;
+pub mod packed;
 pub mod simd;
 
 use crate::error::Result;

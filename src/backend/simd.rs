@@ -1,4 +1,4 @@
-//! Vector-friendly inner loops for the CPU backend: written as fixed-width lanes so the
+//! Vector-friendly inner loops for the CPU backend, and the run-time check for AVX2/FMA: written as fixed-width lanes so the
 //! compiler turns them into SIMD (a plain iterator sum is a sequential chain of adds that
 //! it may not reorder, so it stays scalar).
 
@@ -7,7 +7,7 @@ const LANES: usize = 8;
 
 /// `sum(a[i] * b[i])` over `min(a.len(), b.len())` elements, in 8 independent lanes summed
 /// pairwise at the end (a fixed order: the same inputs always give the same result).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -31,6 +31,22 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         half[l] = lo[l] + hi[l];
     }
     (half[0] + half[2]) + (half[1] + half[3]) + tail
+}
+
+/// Whether the CPU has AVX2 and FMA (checked once): the kernels compiled for them are
+/// chosen at run time, so one binary runs everywhere.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 #[cfg(test)]
