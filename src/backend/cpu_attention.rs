@@ -5,6 +5,7 @@
 use super::simd::{dot, has_avx2_fma};
 use crate::plan::AttentionPlan;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Shapes of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +25,9 @@ struct Partial {
     o: Vec<f32>,
 }
 
+/// Bytes of K and V (f32) per token tile: half of a typical 512 KiB L2.
+const TILE_BYTES: usize = 256 << 10;
+
 /// One work item's staged K/V (`[tokens, kv_heads * head_dim]` each) and its shape.
 struct Staged<'a> {
     keys: &'a [f32],
@@ -35,17 +39,24 @@ struct Staged<'a> {
 }
 
 impl Staged<'_> {
-    /// Every head of one query row (`q_row`, `[heads * head_dim]`) over the first `visible`
-    /// staged tokens, into its partials (one per head). `scores` is scratch.
-    fn row(&self, q_row: &[f32], visible: usize, parts: &mut [Partial], scores: &mut Vec<f32>) {
+    /// Every head of one query row (`q_row`, `[heads * head_dim]`) over the staged tokens
+    /// `tokens` (already cut to the row's visible ones), folded into its partials (one per
+    /// head) by online softmax. `scores` is scratch.
+    fn row(
+        &self,
+        q_row: &[f32],
+        tokens: Range<usize>,
+        parts: &mut [Partial],
+        scores: &mut Vec<f32>,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             // SAFETY: the running CPU reports AVX2 and FMA, the features `row_avx2` is
-            // compiled for; it takes only references.
-            unsafe { self.row_avx2(q_row, visible, parts, scores) };
+            // compiled for; it takes only references and a range.
+            unsafe { self.row_avx2(q_row, tokens, parts, scores) };
             return;
         }
-        self.row_impl(q_row, visible, parts, scores);
+        self.row_impl(q_row, tokens, parts, scores);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -53,18 +64,18 @@ impl Staged<'_> {
     fn row_avx2(
         &self,
         q_row: &[f32],
-        visible: usize,
+        tokens: Range<usize>,
         parts: &mut [Partial],
         scores: &mut Vec<f32>,
     ) {
-        self.row_impl(q_row, visible, parts, scores);
+        self.row_impl(q_row, tokens, parts, scores);
     }
 
     #[inline(always)]
     fn row_impl(
         &self,
         q_row: &[f32],
-        visible: usize,
+        tokens: Range<usize>,
         parts: &mut [Partial],
         scores: &mut Vec<f32>,
     ) {
@@ -73,13 +84,22 @@ impl Staged<'_> {
             let kvh = h / self.group;
             let qv = &q_row[h * d..(h + 1) * d];
             scores.clear();
-            scores.extend((0..visible).map(|j| {
+            scores.extend(tokens.clone().map(|j| {
                 let kv = &self.keys[j * w + kvh * d..][..d];
                 dot(qv, kv) * self.scale
             }));
-            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m = part.m.max(tile_max);
+            if part.s > 0.0 && m > part.m {
+                // A larger maximum: rescale what earlier tiles accumulated.
+                let r = (part.m - m).exp();
+                part.s *= r;
+                for o in part.o.iter_mut() {
+                    *o *= r;
+                }
+            }
             part.m = m;
-            for (j, &sc) in scores.iter().enumerate() {
+            for (j, &sc) in tokens.clone().zip(scores.iter()) {
                 let e = (sc - m).exp();
                 part.s += e;
                 let vv = &self.values[j * w + kvh * d..][..d];
@@ -147,7 +167,10 @@ pub fn attention(
         }
         let staged = keys.len() / kv_width;
         tokens_read += staged as u64;
-        // Rows in parallel (each owns its partials); the staged K/V is shared read-only.
+        // Token tiles of about TILE_BYTES of K and V, so a tile stays in cache while every
+        // row of the item uses it (what makes a shared item read once pay on the CPU);
+        // within a tile the rows run in parallel, each owning its partials.
+        let tile = (TILE_BYTES / (8 * kv_width.max(1))).clamp(16, 512);
         let staged_kv = Staged {
             keys: &keys,
             values: &values,
@@ -156,15 +179,20 @@ pub fn attention(
             group,
             scale,
         };
-        partials[rows.start * num_heads..rows.end * num_heads]
-            .par_chunks_mut(num_heads)
-            .zip(rows)
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (parts, p)| {
-                let row = plan.item_rows[p] as usize;
-                let visible = (plan.row_limit[row] as usize - view_start).min(staged);
-                let q_row = &q[row * q_width..(row + 1) * q_width];
-                staged_kv.row(q_row, visible, parts, scores);
-            });
+        for t0 in (0..staged).step_by(tile) {
+            let t1 = (t0 + tile).min(staged);
+            partials[rows.start * num_heads..rows.end * num_heads]
+                .par_chunks_mut(num_heads)
+                .zip(rows.clone())
+                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (parts, p)| {
+                    let row = plan.item_rows[p] as usize;
+                    let visible = (plan.row_limit[row] as usize - view_start).min(staged);
+                    if visible > t0 {
+                        let q_row = &q[row * q_width..(row + 1) * q_width];
+                        staged_kv.row(q_row, t0..t1.min(visible), parts, scores);
+                    }
+                });
+        }
     }
     // Merge each row's partials in view order.
     let mut out = vec![0.0f32; plan.num_rows * q_width];
@@ -198,4 +226,88 @@ pub fn attention(
         }
     }
     (out, tokens_read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::Chunk;
+    use crate::plan::{AttentionMode, PlanThread};
+
+    /// Items longer than a tile: the online softmax across tiles (and limits that end
+    /// inside, at and just past a tile) against a direct f64 softmax.
+    #[test]
+    fn tiles_fold_like_one_softmax() {
+        // kv_width 2 x 1024 makes a tile 16 tokens long.
+        let shape = AttnShape {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 1024,
+            block_size: 8,
+        };
+        let kv_width = shape.num_kv_heads * shape.head_dim;
+        assert_eq!((TILE_BYTES / (8 * kv_width)).clamp(16, 512), 16);
+        let tokens = 100usize;
+        let blocks = tokens.div_ceil(shape.block_size);
+        let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 2.0);
+        let k: Vec<f32> = (0..blocks * shape.block_size * kv_width)
+            .map(|i| val(i, 0.3))
+            .collect();
+        let v: Vec<f32> = (0..k.len()).map(|i| val(i, 1.7)).collect();
+        let chunks: Vec<Chunk> = (0..blocks)
+            .map(|b| Chunk {
+                block: b as u32,
+                start: 0,
+                len: (tokens - b * shape.block_size).min(shape.block_size) as u32,
+            })
+            .collect();
+        let limits = [1u32, 15, 16, 17, 40, 100];
+        let threads = vec![PlanThread {
+            chunks,
+            rows: limits
+                .iter()
+                .enumerate()
+                .map(|(r, &l)| (r as u32, l))
+                .collect(),
+        }];
+        let q_width = shape.num_heads * shape.head_dim;
+        let q: Vec<f32> = (0..limits.len() * q_width)
+            .map(|i| val(i, 2.9) * 0.05)
+            .collect();
+        for mode in [AttentionMode::Forked, AttentionMode::Naive] {
+            let plan = AttentionPlan::build(&threads, mode, 0);
+            let (out, _) = attention(&plan, &q, &k, &v, shape);
+            let d = shape.head_dim;
+            for (r, &limit) in limits.iter().enumerate() {
+                for h in 0..shape.num_heads {
+                    let kvh = h / (shape.num_heads / shape.num_kv_heads);
+                    let qv = &q[r * q_width + h * d..][..d];
+                    let scores: Vec<f64> = (0..limit as usize)
+                        .map(|j| {
+                            let kj = &k[j * kv_width + kvh * d..][..d];
+                            qv.iter()
+                                .zip(kj)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                    for x in 0..d {
+                        let want: f64 = scores
+                            .iter()
+                            .enumerate()
+                            .map(|(j, s)| (s - m).exp() / z * v[j * kv_width + kvh * d + x] as f64)
+                            .sum();
+                        let got = out[r * q_width + h * d + x] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{mode:?} row {r} (limit {limit}) head {h} [{x}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
