@@ -249,7 +249,7 @@ mod tests {
         assert_eq!((TILE_BYTES / (8 * kv_width)).clamp(16, 512), 16);
         let tokens = 100usize;
         let blocks = tokens.div_ceil(shape.block_size);
-        let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 2.0);
+        let val = |i: usize, salt: f32| (i as f32 * 0.618 + salt).sin() * 2.0;
         let k: Vec<f32> = (0..blocks * shape.block_size * kv_width)
             .map(|i| val(i, 0.3))
             .collect();
