@@ -79,32 +79,43 @@ impl Staged<'_> {
         parts: &mut [Partial],
         scores: &mut Vec<f32>,
     ) {
-        let (d, w) = (self.head_dim, self.kv_width);
-        for (h, part) in parts.iter_mut().enumerate() {
-            let kvh = h / self.group;
-            let qv = &q_row[h * d..(h + 1) * d];
+        let (d, w, g, n) = (self.head_dim, self.kv_width, self.group, tokens.len());
+        // The q-heads of one kv-head together: each key and value row is loaded once for
+        // all of them. scores: [group, n], then the softmax weights in place.
+        for (kvh, group_parts) in parts.chunks_mut(g).enumerate() {
             scores.clear();
-            scores.extend(tokens.clone().map(|j| {
+            scores.resize(g * n, 0.0);
+            for (jj, j) in tokens.clone().enumerate() {
                 let kv = &self.keys[j * w + kvh * d..][..d];
-                dot(qv, kv) * self.scale
-            }));
-            let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let m = part.m.max(tile_max);
-            if part.s > 0.0 && m > part.m {
-                // A larger maximum: rescale what earlier tiles accumulated.
-                let r = (part.m - m).exp();
-                part.s *= r;
-                for o in part.o.iter_mut() {
-                    *o *= r;
+                for hh in 0..g {
+                    let qv = &q_row[(kvh * g + hh) * d..][..d];
+                    scores[hh * n + jj] = dot(qv, kv) * self.scale;
                 }
             }
-            part.m = m;
-            for (j, &sc) in tokens.clone().zip(scores.iter()) {
-                let e = (sc - m).exp();
-                part.s += e;
+            for (part, sc) in group_parts.iter_mut().zip(scores.chunks_exact_mut(n)) {
+                let tile_max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let m = part.m.max(tile_max);
+                if part.s > 0.0 && m > part.m {
+                    // A larger maximum: rescale what earlier tiles accumulated.
+                    let r = (part.m - m).exp();
+                    part.s *= r;
+                    for o in part.o.iter_mut() {
+                        *o *= r;
+                    }
+                }
+                part.m = m;
+                for e in sc.iter_mut() {
+                    *e = (*e - m).exp();
+                    part.s += *e;
+                }
+            }
+            for (jj, j) in tokens.clone().enumerate() {
                 let vv = &self.values[j * w + kvh * d..][..d];
-                for (o, v) in part.o.iter_mut().zip(vv) {
-                    *o += e * v;
+                for (hh, part) in group_parts.iter_mut().enumerate() {
+                    let e = scores[hh * n + jj];
+                    for (o, v) in part.o.iter_mut().zip(vv) {
+                        *o += e * v;
+                    }
                 }
             }
         }
