@@ -84,8 +84,10 @@ fn load_linear(ck: &Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
 /// A `[n, k]` weight packed for the GEMM: bf16 checkpoints stay bf16 (widened in the
 /// kernel), anything else becomes f32.
 fn pack(t: &TensorView<'_>, n: usize, k: usize) -> PackedMatrix {
+    // Straight from the stored bytes when they are f32 or bf16: no widened copy first.
     match t.dtype {
-        DType::BF16 => PackedMatrix::from_bf16(&t.to_bf16(), n, k),
+        DType::BF16 if t.data.len() == 2 * n * k => PackedMatrix::from_bf16_le(t.data, n, k),
+        DType::F32 if t.data.len() == 4 * n * k => PackedMatrix::from_f32_le(t.data, n, k),
         _ => PackedMatrix::from_f32(&t.to_f32(), n, k),
     }
 }

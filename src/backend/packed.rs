@@ -36,6 +36,19 @@ pub struct PackedMatrix {
     data: Data, // [panels, k, PANEL]
 }
 
+/// Packs the `[n, k]` matrix whose element `i` (row-major) is `get(i)`.
+fn pack_with<T: Copy + Default>(n: usize, k: usize, get: impl Fn(usize) -> T) -> Vec<T> {
+    let panels = n.div_ceil(PANEL);
+    let mut out = vec![T::default(); panels * k * PANEL];
+    for j in 0..n {
+        let base = (j / PANEL) * k * PANEL + j % PANEL;
+        for p in 0..k {
+            out[base + p * PANEL] = get(j * k + p);
+        }
+    }
+    out
+}
+
 fn pack<T: Copy + Default>(w: &[T], n: usize, k: usize) -> Vec<T> {
     assert_eq!(
         w.len(),
@@ -43,16 +56,14 @@ fn pack<T: Copy + Default>(w: &[T], n: usize, k: usize) -> Vec<T> {
         "packing a {n}x{k} matrix from {} values",
         w.len()
     );
-    let panels = n.div_ceil(PANEL);
-    let mut out = vec![T::default(); panels * k * PANEL];
-    for (j, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
-        let (panel, lane) = (j / PANEL, j % PANEL);
-        let base = panel * k * PANEL + lane;
-        for (p, &v) in row.iter().enumerate() {
-            out[base + p * PANEL] = v;
-        }
-    }
-    out
+    pack_with(n, k, |i| w[i])
+}
+
+/// Element `i` of little-endian `bytes` holding `N`-byte values.
+fn le<const N: usize>(bytes: &[u8], i: usize) -> [u8; N] {
+    let mut b = [0u8; N];
+    b.copy_from_slice(&bytes[i * N..(i + 1) * N]);
+    b
 }
 
 impl PackedMatrix {
@@ -62,6 +73,26 @@ impl PackedMatrix {
             n,
             k,
             data: Data::F32(pack(w, n, k)),
+        }
+    }
+
+    /// Packs f32 weights stored as little-endian bytes (a checkpoint's, no copy first).
+    pub fn from_f32_le(bytes: &[u8], n: usize, k: usize) -> Self {
+        assert_eq!(bytes.len(), 4 * n * k, "packing a {n}x{k} f32 matrix");
+        Self {
+            n,
+            k,
+            data: Data::F32(pack_with(n, k, |i| f32::from_le_bytes(le(bytes, i)))),
+        }
+    }
+
+    /// Packs bf16 weights stored as little-endian bytes, kept as bf16.
+    pub fn from_bf16_le(bytes: &[u8], n: usize, k: usize) -> Self {
+        assert_eq!(bytes.len(), 2 * n * k, "packing a {n}x{k} bf16 matrix");
+        Self {
+            n,
+            k,
+            data: Data::Bf16(pack_with(n, k, |i| u16::from_le_bytes(le(bytes, i)))),
         }
     }
 
@@ -326,6 +357,13 @@ mod tests {
             let pb = PackedMatrix::from_bf16(&wb, n, k);
             check(&pb.matmul(&a, m), &plain(&a, &wr, m, k, n), k, "bf16");
             assert_eq!(pb.bytes() * 2, p.bytes());
+            // From a checkpoint's little-endian bytes: the same packing.
+            let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let p2 = PackedMatrix::from_f32_le(&bytes, n, k);
+            assert_eq!(p2.matmul(&a, m), p.matmul(&a, m));
+            let bytes: Vec<u8> = wb.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+            let pb2 = PackedMatrix::from_bf16_le(&bytes, n, k);
+            assert_eq!(pb2.matmul(&a, m), pb.matmul(&a, m));
         }
     }
 
