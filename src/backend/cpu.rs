@@ -272,11 +272,15 @@ pub fn rope_rows(x: &mut [f32], row_width: usize, positions: &[u32], inv_freq: &
     if d == 0 || row_width == 0 {
         return;
     }
+    // [half]: (sin, cos) of the row's angles, computed once for all its heads.
+    let mut sin_cos = vec![(0.0f32, 0.0f32); half];
     for (row, &pos) in x.chunks_exact_mut(row_width).zip(positions) {
         let pos = pos as f32;
+        for (sc, &f) in sin_cos.iter_mut().zip(inv_freq) {
+            *sc = (pos * f).sin_cos();
+        }
         for head in row.chunks_exact_mut(d) {
-            for (i, &f) in inv_freq.iter().enumerate() {
-                let (sin, cos) = (pos * f).sin_cos();
+            for (i, &(sin, cos)) in sin_cos.iter().enumerate() {
                 let (a, b) = (head[i], head[i + half]);
                 head[i] = a * cos - b * sin;
                 head[i + half] = b * cos + a * sin;
