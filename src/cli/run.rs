@@ -20,12 +20,17 @@ use std::sync::Arc;
 /// Arguments of `spindle run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json), a .gguf file (its
+    /// tokenizer comes from the file), or a directory holding one.
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt (control tags written as text become their tokens).
     #[arg(long)]
     pub prompt: String,
+    /// Wrap the prompt as a user turn in the chat template's role markers (ChatML), ending
+    /// with the start of the assistant's turn.
+    #[arg(long)]
+    pub chat: bool,
     /// threadweaver | threadweaver-reuse | multiverse | apr
     #[arg(long, default_value = "threadweaver")]
     pub protocol: String,
@@ -249,9 +254,14 @@ pub fn print_engine_stats(s: &EngineStats) {
 /// Runs `spindle run`.
 pub fn run(args: &RunArgs) -> Result<()> {
     let ck = Checkpoint::open(&args.model)?;
-    let tok = Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
+    let tok = Tokenizer::for_checkpoint(&ck)?;
     let protocol = TagProtocol::preset(&args.protocol, &tok)?;
-    let prompt = tok.encode(&args.prompt)?;
+    let prompt_text = if args.chat {
+        tok.chat_prompt(&args.prompt)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tok.encode(&prompt_text)?;
     let policy = Policy {
         max_width: args.max_width,
         max_depth: args.max_depth,
