@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A tokenizer loaded from a `tokenizer.json` or built from a GGUF's metadata.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The chat template (Jinja source), when the checkpoint has one.

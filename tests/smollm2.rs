@@ -251,3 +251,109 @@ fn cli_inspects_and_runs_the_gguf() {
     );
     assert!(!out.contains("\\n"), "{out}");
 }
+
+/// Control tags that are several tokens in SmolLM2's vocabulary, with BPE merging across
+/// their edges (`><`, `>\n`), fork and join like single-token tags: the scripted stream is
+/// the text a model would write, tokenized as one piece.
+#[test]
+fn multi_token_tags_with_merged_edges_fork_and_join() {
+    use spindle::generate::{EndReason, Event, Scripted};
+    let Some(ck) = checkpoint("multi_token_tags_with_merged_edges_fork_and_join") else {
+        return;
+    };
+    let tok = Tokenizer::for_checkpoint(ck).expect("tokenizer");
+    let protocol = TagProtocol::preset("threadweaver", &tok).expect("protocol");
+    let split = protocol.split_tags();
+    assert!(
+        split.iter().any(|(t, n)| t == "<Outlines>" && *n > 1),
+        "{split:?}"
+    );
+    let root = "<Parallel><Outlines><Outline> add</Outline><Outline> check</Outline></Outlines>\nDone.</Parallel>";
+    let ids = tok.encode(root).expect("encode");
+    // BPE merges across tag edges: some token's text holds the end of one tag and more.
+    let merged = ids
+        .iter()
+        .filter(|&&t| {
+            let s = tok.decode(&[t]).expect("decode");
+            s.len() > 1 && s.starts_with('>')
+        })
+        .count();
+    assert!(merged >= 2, "expected merged tag edges in {ids:?}");
+    let scripted =
+        |path: &[u32], text: &str| (path.to_vec(), Scripted::parse(&tok, text).expect("script"));
+    let run = |protocol: TagProtocol| {
+        let mut source = Scripted::new(tok.special_ids());
+        for (path, items) in [
+            scripted(&[], &format!("{root}<|im_end|>")),
+            scripted(&[0], " 2 + 2 = 4.</Thread>"),
+            scripted(&[1], " yes.</Thread>"),
+        ] {
+            source = source.script(&path, items);
+        }
+        let prompt = tok.encode("Plan:").expect("prompt");
+        let mut gen = Generator::new(engine(ck, 64, 16), Policy::default());
+        let sampling = SamplingParams {
+            max_tokens: Some(60),
+            ..SamplingParams::default()
+        };
+        let request =
+            Request::new(prompt, Arc::new(protocol), sampling).with_source(Box::new(source));
+        let id = gen.add_request(request).expect("request");
+        let mut events = Vec::new();
+        gen.run(|e| events.push(e.clone())).expect("generation");
+        assert!(gen.engine().pool().all_free(), "blocks leaked");
+        (gen.output(id).expect("finished").clone(), events)
+    };
+
+    // Matched on token ids only (what happened before text matching), the tags are missed.
+    let ids_only = TagProtocol::threadweaver(&tok, spindle::JoinKind::Reprefill)
+        .expect("protocol")
+        .with_names(&tok);
+    let (out, _) = run(ids_only);
+    assert_eq!(
+        out.stats.forks, 0,
+        "id-only matching misses the merged tags"
+    );
+
+    let (out, events) = run(protocol);
+    println!("{}", out.render_tree(Some(&tok)));
+    assert_eq!(out.reason, EndReason::Eos);
+    let problems: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Protocol { problem, .. } => Some(problem.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(out.stats.forks, 1, "one fork");
+    assert_eq!(out.threads.len(), 3, "root and two children");
+    let kids = &out.threads[0].forks[0];
+    for (i, (k, want)) in kids
+        .iter()
+        .zip([" 2 + 2 = 4.</Thread>", " yes.</Thread>"])
+        .enumerate()
+    {
+        let t = out.thread(*k).expect("child");
+        assert_eq!(
+            tok.decode(&t.prime).expect("prime"),
+            format!("<Thread> {}:", i + 1)
+        );
+        assert_eq!(tok.decode(&t.generated).expect("text"), want);
+        assert_eq!(t.end, Some(EndReason::EndTag));
+    }
+    // The root's text is cut right after </Outlines> (the fork point), the children's
+    // transcripts are re-prefilled, and it goes on.
+    let root_text = tok.decode(&out.threads[0].generated).expect("root text");
+    assert!(
+        root_text.starts_with(
+            "<Parallel><Outlines><Outline> add</Outline><Outline> check</Outline></Outlines>"
+        ),
+        "{root_text:?}"
+    );
+    let context = tok.decode(&out.context).expect("context");
+    assert!(
+        context.contains("</Outlines><Thread> 1: 2 + 2 = 4.</Thread><Thread> 2: yes.</Thread>"),
+        "{context:?}"
+    );
+}

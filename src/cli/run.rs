@@ -280,6 +280,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let ck = Checkpoint::open(&args.model)?;
     let tok = Tokenizer::for_checkpoint(&ck)?;
     let protocol = TagProtocol::preset(&args.protocol, &tok)?;
+    let split = protocol.split_tags();
+    if !split.is_empty() {
+        let list: Vec<String> = split
+            .iter()
+            .map(|(t, n)| format!("{t} ({n} tokens)"))
+            .collect();
+        eprintln!(
+            "warning: {} tags are not single tokens in this tokenizer: {}; they are matched on the decoded text",
+            args.protocol,
+            list.join(", ")
+        );
+    }
     let prompt_text = if args.chat {
         tok.chat_prompt(&args.prompt)?
     } else {
