@@ -14,6 +14,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The chat template (Jinja source), when the checkpoint has one.
     chat_template: Option<String>,
+    /// Prepended to prompts: the BOS id, when a GGUF asks for it (`add_bos_token`).
+    bos_prefix: Option<u32>,
 }
 
 /// The pre-tokenizer regex of Qwen2 / Qwen3 (`tokenizer.ggml.pre` = `qwen2`).
@@ -66,6 +68,7 @@ impl Tokenizer {
         Ok(Self {
             inner,
             chat_template: None,
+            bos_prefix: None,
         })
     }
 
@@ -194,6 +197,24 @@ impl Tokenizer {
             .get("tokenizer.chat_template")
             .and_then(GgufValue::as_str)
             .map(str::to_string);
+        let add_bos = meta
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(false);
+        if add_bos {
+            let bos = meta
+                .get("tokenizer.ggml.bos_token_id")
+                .and_then(GgufValue::as_u64)
+                .and_then(|b| u32::try_from(b).ok())
+                .filter(|&b| (b as usize) < tokens.len())
+                .ok_or_else(|| {
+                    err(
+                        "tokenizer.ggml.bos_token_id",
+                        "is missing or out of range while add_bos_token is true",
+                    )
+                })?;
+            tok.bos_prefix = Some(bos);
+        }
         Ok(tok)
     }
 
@@ -221,6 +242,14 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of a prompt: [`Tokenizer::encode`], after the BOS token when the model's
+    /// GGUF asks for one (`tokenizer.ggml.add_bos_token`).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos_prefix.into_iter().collect();
+        ids.extend(self.encode(text)?);
+        Ok(ids)
     }
 
     /// Text of `ids`, control tokens included.
@@ -358,6 +387,18 @@ mod tests {
     #[test]
     fn builds_a_byte_level_bpe_from_gguf_metadata() {
         let tok = Tokenizer::from_gguf(&meta("gpt2", "gpt2"), Path::new("m.gguf")).unwrap();
+        assert_eq!(
+            tok.encode_prompt("ab").unwrap(),
+            vec![3],
+            "no BOS unless asked"
+        );
+        let mut with_bos = meta("gpt2", "gpt2");
+        with_bos.insert("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(true));
+        with_bos.insert("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(0));
+        let t = Tokenizer::from_gguf(&with_bos, Path::new("m.gguf")).unwrap();
+        assert_eq!(t.encode_prompt("ab").unwrap(), vec![0, 3]);
+        with_bos.insert("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(99));
+        assert!(Tokenizer::from_gguf(&with_bos, Path::new("m.gguf")).is_err());
         // "ab" merges to 3; " ab" to 5 (Ġ is the byte-level space); the control token is 0.
         assert_eq!(tok.encode("ab ab<|end|>").unwrap(), vec![3, 5, 0]);
         assert_eq!(tok.decode(&[3, 5, 0]).unwrap(), "ab ab<|end|>");

@@ -297,7 +297,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     } else {
         args.prompt.clone()
     };
-    let prompt = tok.encode(&prompt_text)?;
+    let prompt = tok.encode_prompt(&prompt_text)?;
     let policy = Policy {
         max_width: args.max_width,
         max_depth: args.max_depth,
