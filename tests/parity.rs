@@ -127,3 +127,59 @@ fn a_sharded_copy_gives_identical_logits() {
         );
     }
 }
+
+/// Each fixture converted to a GGUF the way llama.cpp's converter writes it (Llama's q/k rows
+/// interleaved for its rope) matches every reference case within tolerance, and
+/// `spindle replay --model FILE.gguf` writes exactly what it writes for the safetensors.
+#[test]
+fn a_gguf_copy_matches_the_reference() {
+    for name in FIXTURES {
+        let src = model_loader::Checkpoint::open(&fixture(name)).expect("fixture");
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gguf-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let gguf = dir.join(format!("{name}.gguf"));
+        std::fs::write(&gguf, model_loader::gguf::gguf_from_checkpoint(&src, &[])).expect("gguf");
+        let ck = model_loader::Checkpoint::open(&gguf).expect("gguf opens");
+
+        let r = reference(name);
+        let vocab = r["cases"][0]["logits"][0].as_array().expect("row").len();
+        for case in r["cases"].as_array().expect("cases") {
+            let (tree, want) = if case["kind"] == "sequence" {
+                let tokens: Vec<u32> =
+                    serde_json::from_value(case["tokens"].clone()).expect("tokens");
+                let want = serde_json::json!({"logits": case["logits"]});
+                (TreeNode::sequence(tokens), want)
+            } else {
+                (parse_tree(&case["tree"], vocab), case["tree"].clone())
+            };
+            let backend =
+                spindle::CpuBackend::load(&ck, blocks_for(&tree, 16), 16).expect("backend");
+            let mut e = spindle::Engine::new(backend, Default::default());
+            let (out, _) = replay_with_stats(&mut e, &tree).expect("replay");
+            let d = tree_diff(&out, &want, name);
+            println!("{name} {} from GGUF: max |diff| = {d:.2e}", case["name"]);
+            assert!(d <= TOL, "{name} {}: {d}", case["name"]);
+        }
+
+        let replay = |model: &std::path::Path, out: &std::path::Path| {
+            let status = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+                .args(["replay", "--device", "cpu", "--model"])
+                .arg(model)
+                .arg("--tree")
+                .arg(fixture(name).join("reference.json"))
+                .arg("--out")
+                .arg(out)
+                .status()
+                .expect("spindle replay runs");
+            assert!(status.success(), "{name}: replay on {}", model.display());
+            std::fs::read_to_string(out).expect("out")
+        };
+        assert_eq!(
+            replay(&gguf, &dir.join("gguf.json")),
+            replay(&fixture(name), &dir.join("st.json")),
+            "{name}: replay output from the GGUF"
+        );
+    }
+}

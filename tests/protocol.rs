@@ -274,3 +274,109 @@ fn invalid_specs_are_rejected() {
         Err(SpindleError::Protocol(_))
     ));
 }
+
+/// A byte-level BPE built from GGUF metadata whose vocabulary is the 256 byte symbols plus
+/// the merges `><` and `</`: every tag is many tokens, and BPE merges across tag edges.
+fn char_level_tokenizer() -> Tokenizer {
+    use model_loader::GgufValue;
+    use std::collections::BTreeMap;
+    let s = |v: &str| GgufValue::String(v.to_string());
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
+    alphabet.sort_unstable();
+    let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+    tokens.extend(["><".to_string(), "</".to_string()]);
+    let mut m = BTreeMap::new();
+    m.insert("tokenizer.ggml.model".to_string(), s("gpt2"));
+    m.insert("tokenizer.ggml.pre".to_string(), s("gpt2"));
+    m.insert(
+        "tokenizer.ggml.tokens".to_string(),
+        GgufValue::Array(tokens.iter().map(|t| s(t)).collect()),
+    );
+    m.insert(
+        "tokenizer.ggml.merges".to_string(),
+        GgufValue::Array(vec![s("> <"), s("< /")]),
+    );
+    Tokenizer::from_gguf(&m, std::path::Path::new("chars.gguf")).expect("tokenizer")
+}
+
+/// Feeds `tokens` as the generator does: a token the parser splits is replaced by its head
+/// then its rest, stopping at the first fork or end. Returns the fed tokens and the actions.
+fn run_split(p: &TagProtocol, role: Role, tokens: &[u32]) -> (Vec<u32>, Vec<Action>) {
+    let mut parser = p.parser(role);
+    let (mut gen, mut acts) = (Vec::new(), Vec::new());
+    for &t in tokens {
+        let pieces = match parser.split(&gen, t) {
+            Some((head, rest)) => head.into_iter().chain(rest).collect(),
+            None => vec![t],
+        };
+        for piece in pieces {
+            gen.push(piece);
+            let a = parser.on_token(&gen);
+            let stop = matches!(a, Action::Fork(_) | Action::End { .. });
+            if a != Action::Text {
+                acts.push(a);
+            }
+            if stop {
+                return (gen, acts);
+            }
+        }
+    }
+    (gen, acts)
+}
+
+#[test]
+fn multi_token_tags_match_on_text_even_when_bpe_merges_their_edges() {
+    let tok = char_level_tokenizer();
+    let text = "<Parallel><Outlines><Outline> a</Outline><Outline> b</Outline></Outlines><x";
+    let ids = enc(&tok, text);
+    let merged = tok.token_id("><").expect("merge token");
+    assert!(ids.contains(&merged), "BPE merges tag edges");
+    // The `>` closing `</Outlines>` is the first byte of a `><` token.
+    let gt = text.find("</Outlines>").expect("tag") + "</Outlines".len();
+    let at = (0..ids.len())
+        .find(|&k| tok.decode(&ids[..k]).expect("decode").len() == gt)
+        .expect("a token starts at the closing >");
+    assert_eq!(ids[at], merged, "the fork tag ends inside `><`");
+    assert_eq!(tok.decode(&ids).expect("decode"), text);
+
+    // Ids only: the tags are sequences of single characters, but `><` hides their edges.
+    let ids_only = TagProtocol::threadweaver(&tok, JoinKind::Reprefill)
+        .expect("protocol")
+        .with_names(&tok);
+    assert!(actions(&ids_only, Role::Root, &ids)
+        .iter()
+        .all(|(_, a)| !matches!(a, Action::Fork(_))));
+
+    let p = TagProtocol::preset("threadweaver", &tok).expect("preset");
+    let split = p.split_tags();
+    assert!(split.contains(&("<Outlines>".to_string(), 10)), "{split:?}");
+    let (fed, acts) = run_split(&p, Role::Root, &ids);
+    // Exactly one fork, at the end of `</Outlines>`, which ends inside a merged `><`: its `>`
+    // is fed alone and the rest of the token (`<`) dropped, as a text client stops there.
+    let Some(Action::Fork(spec)) = acts.last() else {
+        panic!("no fork: {acts:?}");
+    };
+    assert_eq!(acts.len(), 1, "{acts:?}");
+    assert_eq!(spec.children.len(), 2);
+    assert_eq!(
+        tok.decode(&fed).expect("decode"),
+        "<Parallel><Outlines><Outline> a</Outline><Outline> b</Outline></Outlines>"
+    );
+    let primes: Vec<String> = spec
+        .children
+        .iter()
+        .map(|c| tok.decode(&c.prime).expect("prime"))
+        .collect();
+    assert_eq!(primes, ["<Thread> 1:", "<Thread> 2:"]);
+
+    // A child ends at `</Thread>` even when its last `>` is merged with what follows.
+    let child = enc(&tok, " done</Thread><y");
+    let (fed, acts) = run_split(&p, Role::Child { index: 0 }, &child);
+    assert!(
+        matches!(acts.as_slice(), [Action::End { returns: None }]),
+        "{acts:?}"
+    );
+    assert_eq!(tok.decode(&fed).expect("decode"), " done</Thread>");
+}

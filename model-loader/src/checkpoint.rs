@@ -1,9 +1,13 @@
 //! Opening a Hugging Face checkpoint directory: config, memory-mapped safetensors (single file or
 //! shards listed in `model.safetensors.index.json`), the tensor index and its validation against
-//! the tensors the config implies.
+//! the tensors the config implies. A `.gguf` file (or a directory holding one and no
+//! `config.json`) opens as a checkpoint whose tensors are owned f32 buffers.
 
 use crate::config::ModelConfig;
+use crate::dequant::GgmlType;
+use crate::dtype::DType;
 use crate::error::LoadError;
+use crate::gguf::{self, GgufValue};
 use crate::safetensors::{parse_safetensors, TensorInfo};
 use crate::tensor::TensorView;
 use memmap2::Mmap;
@@ -26,11 +30,35 @@ struct Shard {
     mmap: Mmap,
 }
 
-/// Where a tensor lives: which shard, and its validated header entry.
+/// Where a tensor lives: which shard (or, for a GGUF checkpoint, which owned buffer), and its
+/// validated header entry.
 #[derive(Debug)]
 struct Entry {
     shard: usize,
     info: TensorInfo,
+}
+
+/// What a GGUF checkpoint keeps besides its tensors: the file's metadata (the tokenizer lives
+/// there) and the type each tensor was stored in.
+#[derive(Debug)]
+pub struct GgufSource {
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Format version.
+    pub version: u32,
+    /// Every metadata key and value.
+    pub metadata: BTreeMap<String, GgufValue>,
+    /// Hugging Face tensor name -> the ggml type it was stored in.
+    pub stored_types: BTreeMap<String, GgmlType>,
+}
+
+/// Where the tensor bytes are: memory-mapped safetensors, or buffers owned by the checkpoint
+/// (a GGUF dequantised at load).
+#[derive(Debug)]
+enum Storage {
+    Mapped(Vec<Shard>),
+    /// One f32 buffer per tensor, values little-endian in memory order (see `owned_bytes`).
+    Owned(Vec<Vec<f32>>, Box<GgufSource>),
 }
 
 /// An opened, fully validated checkpoint: its config and zero-copy access to every tensor.
@@ -40,8 +68,42 @@ pub struct Checkpoint {
     config: ModelConfig,
     /// `model.safetensors`, or the index file for a sharded checkpoint (named in lookup errors).
     weights_path: PathBuf,
-    shards: Vec<Shard>,
+    storage: Storage,
     index: BTreeMap<String, Entry>,
+}
+
+/// The bytes of an owned f32 buffer, as the little-endian data a `TensorView` promises.
+fn owned_bytes(values: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(values)
+}
+
+/// The GGUF file a model path names: the path itself if it ends in `.gguf`, or the only `.gguf`
+/// in a directory without `config.json`. `None` means "open as safetensors".
+fn gguf_path(path: &Path) -> Result<Option<PathBuf>, LoadError> {
+    let is_gguf = |p: &Path| {
+        p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    };
+    if path.is_file() {
+        return Ok(is_gguf(path).then(|| path.to_path_buf()));
+    }
+    if !path.is_dir() || path.join(CONFIG_FILE).exists() {
+        return Ok(None);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| LoadError::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_gguf(p))
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        count => Err(LoadError::AmbiguousGguf {
+            dir: path.to_path_buf(),
+            count,
+        }),
+    }
 }
 
 /// Memory-maps a safetensors file and validates its header.
@@ -119,7 +181,13 @@ impl Checkpoint {
     /// is stored twice, that the index agrees with the shards, and that every tensor the config
     /// implies is present with the right shape. Extra tensors (e.g. `rotary_emb.inv_freq`, or
     /// `lm_head.weight` with tied embeddings) are kept but not required.
+    ///
+    /// `dir` may also be a `.gguf` file, or a directory holding exactly one `.gguf` and no
+    /// `config.json`: see [`Checkpoint::open_gguf`].
     pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
+        if let Some(file) = gguf_path(dir)? {
+            return Checkpoint::open_gguf(&file);
+        }
         let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
 
         let single = dir.join(SINGLE_FILE);
@@ -187,11 +255,86 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             config,
             weights_path,
-            shards,
+            storage: Storage::Mapped(shards),
             index,
         };
         checkpoint.validate_tensors()?;
         Ok(checkpoint)
+    }
+
+    /// Opens a GGUF file: maps it, validates the header (see [`gguf::parse_gguf`]), reads the
+    /// config from its metadata, and dequantises every tensor to an owned f32 buffer under its
+    /// Hugging Face name (Llama's q/k rows put back in Hugging Face's rope order). The mapping
+    /// is dropped once the tensors are decoded. Every tensor the config implies must be present
+    /// with the right shape, as for safetensors.
+    pub fn open_gguf(path: &Path) -> Result<Checkpoint, LoadError> {
+        let file = File::open(path).map_err(|e| LoadError::io(path, e))?;
+        // SAFETY: read-only mapping, dropped before this function returns; the caller must not
+        // truncate or rewrite the file meanwhile (the usual memory-mapped loading contract).
+        // Every offset read through it is bounds-checked by `parse_gguf`.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
+        let header = gguf::parse_gguf(&mmap, path)?;
+        let has = |name: &str| header.tensors.iter().any(|t| t.name == name);
+        let config = gguf::gguf_config(
+            &header,
+            path,
+            has("output.weight"),
+            has("blk.0.attn_q.bias"),
+        )?;
+        let loaded = gguf::load_tensors(&header, &mmap, path, &config)?;
+        drop(mmap);
+
+        let mut index = BTreeMap::new();
+        let mut buffers = Vec::with_capacity(loaded.len());
+        let mut stored_types = BTreeMap::new();
+        for (i, t) in loaded.into_iter().enumerate() {
+            let info = TensorInfo {
+                name: t.name.clone(),
+                dtype: DType::F32,
+                shape: t.shape,
+                start: 0,
+                end: t.values.len() * 4,
+            };
+            if index.contains_key(&t.name) {
+                return Err(LoadError::DuplicateTensor {
+                    path: path.to_path_buf(),
+                    tensor: t.name,
+                    other: path.to_path_buf(),
+                });
+            }
+            stored_types.insert(t.name.clone(), t.stored);
+            index.insert(t.name, Entry { shard: i, info });
+            // Stored little-endian so the bytes match what a TensorView promises.
+            buffers.push(
+                t.values
+                    .into_iter()
+                    .map(|v| f32::from_bits(v.to_bits().to_le()))
+                    .collect(),
+            );
+        }
+        let source = GgufSource {
+            path: path.to_path_buf(),
+            version: header.version,
+            metadata: header.metadata,
+            stored_types,
+        };
+        let checkpoint = Checkpoint {
+            dir: path.parent().map_or_else(PathBuf::new, Path::to_path_buf),
+            config,
+            weights_path: path.to_path_buf(),
+            storage: Storage::Owned(buffers, Box::new(source)),
+            index,
+        };
+        checkpoint.validate_tensors()?;
+        Ok(checkpoint)
+    }
+
+    /// The GGUF file's metadata and stored types, for a checkpoint opened from a GGUF.
+    pub fn gguf(&self) -> Option<&GgufSource> {
+        match &self.storage {
+            Storage::Owned(_, source) => Some(source),
+            Storage::Mapped(_) => None,
+        }
     }
 
     /// Checks that every tensor the config implies is present with the right shape.
@@ -216,17 +359,20 @@ impl Checkpoint {
     }
 
     fn shard_path(&self, shard: usize) -> PathBuf {
-        self.shards
-            .get(shard)
-            .map_or_else(|| self.weights_path.clone(), |s| s.path.clone())
+        match &self.storage {
+            Storage::Mapped(shards) => shards
+                .get(shard)
+                .map_or_else(|| self.weights_path.clone(), |s| s.path.clone()),
+            Storage::Owned(..) => self.weights_path.clone(),
+        }
     }
 
     fn view<'a>(&'a self, entry: &'a Entry) -> Option<TensorView<'a>> {
-        let data = self
-            .shards
-            .get(entry.shard)?
-            .mmap
-            .get(entry.info.start..entry.info.end)?;
+        let bytes: &[u8] = match &self.storage {
+            Storage::Mapped(shards) => &shards.get(entry.shard)?.mmap,
+            Storage::Owned(buffers, _) => owned_bytes(buffers.get(entry.shard)?),
+        };
+        let data = bytes.get(entry.info.start..entry.info.end)?;
         Some(TensorView {
             name: &entry.info.name,
             dtype: entry.info.dtype,
@@ -240,7 +386,7 @@ impl Checkpoint {
         &self.config
     }
 
-    /// The checkpoint directory.
+    /// The checkpoint directory (for a GGUF, the directory holding the file).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -261,8 +407,11 @@ impl Checkpoint {
         self.index.values().filter_map(|e| self.view(e)).collect()
     }
 
-    /// The safetensors files backing this checkpoint, in shard order.
+    /// The safetensors files backing this checkpoint, in shard order (or the GGUF file).
     pub fn files(&self) -> Vec<PathBuf> {
-        self.shards.iter().map(|s| s.path.clone()).collect()
+        match &self.storage {
+            Storage::Mapped(shards) => shards.iter().map(|s| s.path.clone()).collect(),
+            Storage::Owned(..) => vec![self.weights_path.clone()],
+        }
     }
 }

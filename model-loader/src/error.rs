@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while reading a config, parsing or validating safetensors,
-/// opening a checkpoint or writing one.
+/// Everything that can go wrong while reading a config, parsing or validating safetensors or
+/// GGUF, opening a checkpoint or writing one.
 ///
 /// Every variant names the file involved and, where it applies, the tensor or config field.
 /// `Display` renders a single line of the form `PATH: what went wrong`.
@@ -203,6 +203,98 @@ pub enum LoadError {
         tensor: String,
         /// What is wrong.
         msg: String,
+    },
+
+    /// A GGUF file does not start with the magic `GGUF`.
+    #[error("{}: not a GGUF file (magic {found:?}, expected \"GGUF\")", path.display())]
+    GgufMagic {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The first four bytes.
+        found: [u8; 4],
+    },
+
+    /// A GGUF file has a format version this loader does not read (2 and 3 are read).
+    #[error("{}: unsupported GGUF version {version} (supported: 2, 3)", path.display())]
+    GgufVersion {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The version found.
+        version: u32,
+    },
+
+    /// The GGUF header (metadata or tensor index) runs past the end of the file.
+    #[error("{}: truncated GGUF header: {what} needs {need} bytes at offset {offset} of the {file_len}-byte file", path.display())]
+    GgufTruncated {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What was being read (a metadata key, a tensor name, or a header field).
+        what: String,
+        /// Where it starts.
+        offset: u64,
+        /// Bytes (or array elements) needed.
+        need: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+
+    /// A GGUF metadata value is missing, of the wrong type, or invalid.
+    #[error("{}: GGUF metadata `{key}` {msg}", path.display())]
+    GgufMetadata {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+
+    /// A GGUF tensor is stored in a ggml type this loader does not dequantise.
+    #[error("{}: tensor `{tensor}` has unknown or unsupported ggml type {type_id} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)", path.display())]
+    UnknownQuant {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+        /// The ggml type id.
+        type_id: u32,
+    },
+
+    /// A GGUF tensor's data lies outside the file or is misaligned.
+    #[error("{}: tensor `{tensor}` data [{start}, {end}) is outside the {file_len}-byte file or not {alignment}-byte aligned", path.display())]
+    GgufTensorData {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+        /// Absolute start offset.
+        start: u64,
+        /// Absolute end offset (exclusive).
+        end: u64,
+        /// The file's length.
+        file_len: u64,
+        /// The required alignment of offsets.
+        alignment: u64,
+    },
+
+    /// A GGUF tensor's dimensions are invalid for its type.
+    #[error("{}: tensor `{tensor}` {msg}", path.display())]
+    GgufShape {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+        /// What is wrong.
+        msg: String,
+    },
+
+    /// A directory given as a model holds several GGUF files and no `config.json`.
+    #[error("{}: holds {count} .gguf files; name the one to load", dir.display())]
+    AmbiguousGguf {
+        /// The directory.
+        dir: PathBuf,
+        /// How many `.gguf` files it holds.
+        count: usize,
     },
 
     /// A preset name that is not one of `tiny`, `0.6b`, `1.7b`, `8b`.

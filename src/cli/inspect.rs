@@ -1,4 +1,4 @@
-//! `spindle inspect --model DIR`: what a checkpoint holds, or why it cannot be loaded.
+//! `spindle inspect --model DIR|FILE.gguf`: what a checkpoint holds, or why it cannot be loaded.
 
 use crate::error::Result;
 use model_loader::{Checkpoint, DType};
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 /// Arguments of `spindle inspect`.
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    /// Checkpoint directory (config.json + safetensors).
+    /// Checkpoint directory (config.json + safetensors), a .gguf file, or a directory holding one.
     #[arg(long)]
     pub model: PathBuf,
     /// Print only the summary, not the tensor table.
@@ -61,6 +61,18 @@ pub fn report(ck: &Checkpoint, table: bool) -> String {
         .collect();
     s += &format!("dtypes       {}\n", dt.join("; "));
     s += &format!("files        {}\n", files.join(", "));
+    if let Some(g) = ck.gguf() {
+        let mut stored: BTreeMap<&str, usize> = BTreeMap::new();
+        for ty in g.stored_types.values() {
+            *stored.entry(ty.name()).or_default() += 1;
+        }
+        let st: Vec<String> = stored.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        s += &format!(
+            "gguf         version {}, stored as {} (dequantised to F32 at load)\n",
+            g.version,
+            st.join(", ")
+        );
+    }
     s += &format!(
         "shape        {} layers, hidden {}, heads {} (kv {}), head_dim {}, intermediate {}, vocab {}\n",
         c.num_layers,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// Arguments of `spindle replay`.
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, a .gguf file, or a directory holding one.
     #[arg(long)]
     pub model: PathBuf,
     /// A `NODE` tree (tokens only; logits are ignored) or a whole `reference.json`.

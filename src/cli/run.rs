@@ -20,12 +20,17 @@ use std::sync::Arc;
 /// Arguments of `spindle run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json), a .gguf file (its
+    /// tokenizer comes from the file), or a directory holding one.
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt (control tags written as text become their tokens).
     #[arg(long)]
     pub prompt: String,
+    /// Wrap the prompt as a user turn in the chat template's role markers (ChatML), ending
+    /// with the start of the assistant's turn.
+    #[arg(long)]
+    pub chat: bool,
     /// threadweaver | threadweaver-reuse | multiverse | apr
     #[arg(long, default_value = "threadweaver")]
     pub protocol: String,
@@ -100,13 +105,32 @@ impl<'a> StreamPrinter<'a> {
     }
 
     fn flush(&mut self, thread: ThreadId) {
-        let label = self.label(thread);
         if let Some((_, line)) = self.streams.get_mut(&thread) {
             if !line.is_empty() {
-                let indent = "  ".repeat(self.paths.get(&thread).map_or(0, |p| p.1.len()));
-                println!("{indent}{label} {}", line.replace('\n', "\\n"));
-                line.clear();
+                let text = std::mem::take(line);
+                println!("{}", self.render_line(thread, &text));
             }
+        }
+    }
+
+    /// One output line of a thread's text: indent, label, the text as is (newlines are
+    /// split off by `on_event` before, so each text line gets its label).
+    pub fn render_line(&self, thread: ThreadId, text: &str) -> String {
+        let indent = "  ".repeat(self.paths.get(&thread).map_or(0, |p| p.1.len()));
+        format!("{indent}{} {text}", self.label(thread))
+    }
+
+    /// Prints every complete text line of `thread` (up to each newline, blank lines included)
+    /// and keeps the unfinished rest pending.
+    fn flush_lines(&mut self, thread: ThreadId) {
+        loop {
+            let Some((_, line)) = self.streams.get_mut(&thread) else {
+                return;
+            };
+            let Some(at) = line.find('\n') else { return };
+            let head: String = line.drain(..=at).collect();
+            let text = head.trim_end_matches('\n');
+            println!("{}", self.render_line(thread, text));
         }
     }
 
@@ -136,7 +160,12 @@ impl<'a> StreamPrinter<'a> {
                 self.paths.insert(*thread, (*request, path.clone()));
                 let (stream, line) = self.streams.entry(*thread).or_default();
                 line.push_str(&stream.push(self.tok, *token).unwrap_or_default());
-                if self.control.contains(token) || line.len() >= self.width {
+                self.flush_lines(*thread);
+                let long = self
+                    .streams
+                    .get(thread)
+                    .is_some_and(|(_, line)| line.len() >= self.width);
+                if self.control.contains(token) || long {
                     self.flush(*thread);
                 }
             }
@@ -249,9 +278,26 @@ pub fn print_engine_stats(s: &EngineStats) {
 /// Runs `spindle run`.
 pub fn run(args: &RunArgs) -> Result<()> {
     let ck = Checkpoint::open(&args.model)?;
-    let tok = Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
+    let tok = Tokenizer::for_checkpoint(&ck)?;
     let protocol = TagProtocol::preset(&args.protocol, &tok)?;
-    let prompt = tok.encode(&args.prompt)?;
+    let split = protocol.split_tags();
+    if !split.is_empty() {
+        let list: Vec<String> = split
+            .iter()
+            .map(|(t, n)| format!("{t} ({n} tokens)"))
+            .collect();
+        eprintln!(
+            "warning: {} tags are not single tokens in this tokenizer: {}; they are matched on the decoded text",
+            args.protocol,
+            list.join(", ")
+        );
+    }
+    let prompt_text = if args.chat {
+        tok.chat_prompt(&args.prompt)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tok.encode_prompt(&prompt_text)?;
     let policy = Policy {
         max_width: args.max_width,
         max_depth: args.max_depth,

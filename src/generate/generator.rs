@@ -428,12 +428,26 @@ impl<B: Backend> Generator<B> {
         let (Some(c), Some(rs)) = (self.ctl.get_mut(&id), self.requests.get_mut(&request)) else {
             return Ok(());
         };
-        self.events.push(Event::Token {
-            request,
-            thread: id,
-            path: c.path.clone(),
-            token,
-        });
+        // A control tag whose text ends inside the token: the token is replaced by the
+        // tokens of its text up to the tag's end, then those of the rest (not cached yet,
+        // so the thread's KV already ends at its last whole token).
+        let split = if self.eos.contains(&token) {
+            None
+        } else {
+            c.parser.split(&c.generated, token)
+        };
+        let pieces: Vec<u32> = match split {
+            Some((head, rest)) => head.into_iter().chain(rest).collect(),
+            None => vec![token],
+        };
+        if pieces.len() == 1 && pieces[0] == token {
+            self.events.push(Event::Token {
+                request,
+                thread: id,
+                path: c.path.clone(),
+                token,
+            });
+        }
         if self.eos.contains(&token) {
             return if is_root {
                 c.generated.push(token);
@@ -452,14 +466,38 @@ impl<B: Backend> Generator<B> {
                 self.end_child(id, returns, EndReason::Eos)
             };
         }
-        c.generated.push(token);
-        if is_root && rs.stop.iter().any(|s| c.generated.ends_with(s)) {
-            return self.finish_root(request, EndReason::Stop);
+        let replaced = !(pieces.len() == 1 && pieces[0] == token);
+        let mut fed = Vec::with_capacity(pieces.len());
+        let mut action = Action::Text;
+        let mut malformed = Vec::new();
+        // A tag that forks or ends the thread stops the loop: the rest of a split token's
+        // text is dropped there, as a text-level client stops generating at the tag.
+        for &t in &pieces {
+            c.generated.push(t);
+            if replaced {
+                self.events.push(Event::Token {
+                    request,
+                    thread: id,
+                    path: c.path.clone(),
+                    token: t,
+                });
+            }
+            if is_root && rs.stop.iter().any(|s| c.generated.ends_with(s)) {
+                return self.finish_root(request, EndReason::Stop);
+            }
+            fed.push(t);
+            match c.parser.on_token(&c.generated) {
+                Action::Text => {}
+                Action::Malformed(p) => malformed.push(p),
+                other => {
+                    action = other;
+                    break;
+                }
+            }
         }
-        let action = c.parser.on_token(&c.generated);
         let depth = c.path.len();
         let exhausted = c.remaining() == 0;
-        if let Err(e) = self.engine.feed(id, &[token]) {
+        if let Err(e) = self.engine.feed(id, &fed) {
             return self.fail(request, format!("token {token} from the token source: {e}"));
         }
         let problem = |what: String| Event::Protocol {
@@ -467,6 +505,9 @@ impl<B: Backend> Generator<B> {
             thread: id,
             problem: what,
         };
+        for p in malformed {
+            self.events.push(problem(p));
+        }
         match action {
             Action::Text => {}
             Action::Malformed(p) => self.events.push(problem(p)),

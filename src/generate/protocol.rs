@@ -62,6 +62,13 @@ pub struct Truncation {
 
 /// Reads one thread's tokens as they are generated.
 pub trait ThreadParser: Send {
+    /// Called with a newly chosen `token` before it is cached (`generated` does not hold it
+    /// yet). When a control tag's text ends inside the token, returns the tokens of its text
+    /// up to the tag's end (`head`, fed in its place) and of the rest (`rest`, fed after
+    /// unless the tag forks or ends the thread). `None`: feed the token as it is.
+    fn split(&mut self, _generated: &[u32], _token: u32) -> Option<(Vec<u32>, Vec<u32>)> {
+        None
+    }
     /// `generated` is every token the thread generated so far; its last one is new.
     fn on_token(&mut self, generated: &[u32]) -> Action;
     /// The thread's budget ran out after `generated`.

@@ -18,8 +18,14 @@
 //! | apr | - | `<spawn>` / `<Outline>` | the entry's text only | `</join>` | re-prefill of `<join>` result `</join>` |
 //!
 //! Tags are matched on token ids, as suffixes of the thread's generated tokens, so a tag
-//! configured as several tokens is recognised when its last token arrives; text that
-//! merely spells a tag in ordinary tokens is text. Malformed sequences never panic: a
+//! configured as several tokens is recognised when its last token arrives. A preset whose
+//! tags are not single tokens in the tokenizer also matches those tags on the decoded text
+//! (BPE may merge a tag's edge with its neighbour: `><` is one token in SmolLM2's
+//! vocabulary). When a tag ends inside a newly chosen token, the parser splits that token
+//! before it is cached: the thread is fed the tokens of the text up to the tag's end, and
+//! the rest of the token's text is re-fed after it (dropped when the tag forks or ends the
+//! thread, where a text-level client stops generating). Single-token tags stay id-only: text
+//! that merely spells one in ordinary tokens is text. Malformed sequences never panic: a
 //! close without an open, an entry outside a container, a container with no entries, or a
 //! child-end tag in a root thread are kept as text and reported as [`Action::Malformed`].
 
@@ -28,6 +34,7 @@ use crate::error::{Result, SpindleError};
 use crate::tokenizer::Tokenizer;
 use crate::tree::JoinKind;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 
 /// A control tag: one or more token ids.
@@ -75,6 +82,46 @@ pub struct TagProtocol {
     spec: Arc<TagSpec>,
     /// Text of each tag, for readable protocol messages (empty: tags show as token ids).
     names: Arc<HashMap<Vec<u32>, String>>,
+    /// Text-level matching of the tags that are several tokens (None: ids only).
+    text: Option<Arc<TextTags>>,
+}
+
+/// What text-level tag matching needs: the tokenizer and each multi-token tag's text.
+struct TextTags {
+    tok: Tokenizer,
+    /// Tag ids -> text, for tags of two or more tokens.
+    texts: HashMap<Vec<u32>, String>,
+    /// Tokens decoded to look for a tag: enough to hold the longest tag text.
+    window: usize,
+}
+
+impl fmt::Debug for TextTags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TextTags")
+            .field("texts", &self.texts)
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+impl TextTags {
+    /// The text of the last `window` tokens of `ids` (and how many tokens that is).
+    fn tail(&self, ids: &[u32]) -> (String, usize) {
+        let n = ids.len().min(self.window);
+        let text = self.tok.decode(&ids[ids.len() - n..]).unwrap_or_default();
+        (text, n)
+    }
+
+    /// How many trailing tokens of `ids` it takes to cover the last `bytes` bytes of text.
+    fn tokens_covering(&self, ids: &[u32], bytes: usize) -> usize {
+        for k in 1..=ids.len().min(self.window) {
+            let t = self.tok.decode(&ids[ids.len() - k..]).unwrap_or_default();
+            if t.len() >= bytes {
+                return k;
+            }
+        }
+        ids.len().min(self.window)
+    }
 }
 
 fn resolve(tok: &Tokenizer, tag: &str) -> Result<Tag> {
@@ -120,7 +167,66 @@ impl TagProtocol {
         Ok(Self {
             spec: Arc::new(spec),
             names: Arc::default(),
+            text: None,
         })
+    }
+
+    /// Every tag of the spec.
+    fn tags(&self) -> Vec<&Tag> {
+        let s = &self.spec;
+        let mut tags: Vec<&Tag> = vec![
+            &s.container.0,
+            &s.container.1,
+            &s.entry.0,
+            &s.entry.1,
+            &s.child_end,
+        ];
+        if let Some((a, b)) = &s.block {
+            tags.extend([a, b]);
+        }
+        if let Some(r) = &s.result {
+            tags.push(r);
+        }
+        tags
+    }
+
+    /// The tags that are not single tokens, as text with their token counts (`<Parallel>`
+    /// as 4 tokens); empty when every tag is one token.
+    pub fn split_tags(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = self
+            .tags()
+            .into_iter()
+            .filter(|t| t.len() > 1)
+            .map(|t| (text(&self.names, t), t.len()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Also matches the tags that are several tokens on the decoded text (see the module
+    /// docs), decoding with `tok`. Presets turn this on when some tag is split.
+    pub fn with_text_matching(mut self, tok: &Tokenizer) -> Self {
+        let texts: HashMap<Vec<u32>, String> = self
+            .tags()
+            .into_iter()
+            .filter(|t| t.len() > 1)
+            .filter_map(|t| Some((t.clone(), tok.decode(t).ok()?)))
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
+        if texts.is_empty() {
+            self.text = None;
+            return self;
+        }
+        // Every token decodes to at least one byte, so a tag of N bytes spans at most N
+        // tokens; one more covers a token merged across its start.
+        let window = texts.values().map(|s| s.len()).max().unwrap_or(0) + 1;
+        self.text = Some(Arc::new(TextTags {
+            tok: tok.clone(),
+            texts,
+            window,
+        }));
+        self
     }
 
     /// Names every tag by its text through `tok`, so protocol messages read `</Outlines>`
@@ -229,7 +335,7 @@ impl TagProtocol {
                 "unknown protocol {other:?} (threadweaver, threadweaver-reuse, multiverse, apr)"
             ))),
         }?;
-        Ok(protocol.with_names(tok))
+        Ok(protocol.with_names(tok).with_text_matching(tok))
     }
 }
 
@@ -242,6 +348,7 @@ impl Protocol for TagProtocol {
         Box::new(TagParser {
             spec: self.spec.clone(),
             names: self.names.clone(),
+            text: self.text.clone(),
             role,
             blocks: 0,
             container: None,
@@ -299,6 +406,7 @@ struct Container {
 struct TagParser {
     spec: Arc<TagSpec>,
     names: Arc<HashMap<Vec<u32>, String>>,
+    text: Option<Arc<TextTags>>,
     role: Role,
     blocks: usize,
     container: Option<Container>,
@@ -332,11 +440,23 @@ impl TagParser {
         if let Some(r) = &s.result {
             cands.push((Kind::ResultOpen, r));
         }
-        cands
-            .into_iter()
+        if let Some(by_id) = cands
+            .iter()
             .filter(|(_, t)| generated.ends_with(t))
             .max_by_key(|(_, t)| t.len())
-            .map(|(k, t)| (k, t.len()))
+            .map(|(k, t)| (*k, t.len()))
+        {
+            return Some(by_id);
+        }
+        // Multi-token tags on the text: the decoded tail ends with the tag's text.
+        let tt = self.text.as_ref()?;
+        let (tail, _) = tt.tail(generated);
+        let (kind, tag_text) = cands
+            .iter()
+            .filter_map(|(k, t)| Some((*k, tt.texts.get(*t)?)))
+            .filter(|(_, s)| tail.ends_with(s.as_str()))
+            .max_by_key(|(_, s)| s.len())?;
+        Some((kind, tt.tokens_covering(generated, tag_text.len())))
     }
 
     /// The buffer ordinary tokens go to (an open entry, or a result being captured).
@@ -373,6 +493,36 @@ impl TagParser {
 }
 
 impl ThreadParser for TagParser {
+    fn split(&mut self, generated: &[u32], token: u32) -> Option<(Vec<u32>, Vec<u32>)> {
+        let tt = self.text.as_ref()?;
+        let (before, n) = tt.tail(generated);
+        let mut ids = generated[generated.len() - n..].to_vec();
+        ids.push(token);
+        let all = tt.tok.decode(&ids).ok()?;
+        // The token's own text follows the text before it (byte-level BPE decodes by
+        // concatenation); anything else (a partial character) is left alone.
+        if !all.starts_with(&before) || all.len() <= before.len() {
+            return None;
+        }
+        let start = before.len();
+        // The earliest multi-token tag that ends strictly inside the new token's text.
+        let cut = tt
+            .texts
+            .values()
+            .filter_map(|s| {
+                all.match_indices(s.as_str())
+                    .map(|(i, m)| i + m.len())
+                    .find(|&end| end > start && end < all.len())
+            })
+            .min()?;
+        let head = tt.tok.encode(&all[start..cut]).ok()?;
+        let rest = tt.tok.encode(&all[cut..]).ok()?;
+        if head.is_empty() {
+            return None;
+        }
+        Some((head, rest))
+    }
+
     fn on_token(&mut self, generated: &[u32]) -> Action {
         let Some(&last) = generated.last() else {
             return Action::Text;

@@ -83,10 +83,18 @@ pub fn max_diff(got: &[Vec<f32>], want: &Value, what: &str) -> f32 {
 
 /// Max difference over a whole tree (logits, join logits, children, then).
 pub fn tree_diff(got: &NodeLogits, want: &Value, what: &str) -> f32 {
-    let mut m = max_diff(&got.logits, &want["logits"], what);
+    tree_diff_with(got, want, what, &max_diff)
+}
+
+/// Compares logit rows with reference rows; returns the largest difference.
+pub type RowsDiff = dyn Fn(&[Vec<f32>], &Value, &str) -> f32;
+
+/// [`tree_diff`] with the row-matrix comparison `diff` (full rows, or sparse reference rows).
+pub fn tree_diff_with(got: &NodeLogits, want: &Value, what: &str, diff: &RowsDiff) -> f32 {
+    let mut m = diff(&got.logits, &want["logits"], what);
     if let Some(fork) = want.get("fork") {
         if fork["join"] == "reprefill" {
-            m = m.max(max_diff(
+            m = m.max(diff(
                 &got.join_logits,
                 &fork["join_logits"],
                 &format!("{what}.join"),
@@ -95,12 +103,12 @@ pub fn tree_diff(got: &NodeLogits, want: &Value, what: &str) -> f32 {
         let kids = fork["children"].as_array().expect("children");
         assert_eq!(got.children.len(), kids.len(), "{what}: children");
         for (i, (g, w)) in got.children.iter().zip(kids).enumerate() {
-            m = m.max(tree_diff(g, w, &format!("{what}.children[{i}]")));
+            m = m.max(tree_diff_with(g, w, &format!("{what}.children[{i}]"), diff));
         }
     }
     if let Some(then) = want.get("then") {
         let g = got.then.as_deref().expect("then logits");
-        m = m.max(tree_diff(g, then, &format!("{what}.then")));
+        m = m.max(tree_diff_with(g, then, &format!("{what}.then"), diff));
     }
     m
 }
