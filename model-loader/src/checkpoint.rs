@@ -381,6 +381,38 @@ impl Checkpoint {
         })
     }
 
+    /// Tells the OS that the named tensor's mapped file pages are not needed now (a backend
+    /// that has copied the tensor calls it), so a model's file pages and its in-memory copy
+    /// are not both resident at once. Reading the tensor again still works: its pages come
+    /// back from the file. Only whole pages inside the tensor are released; a tensor held in
+    /// memory (a dequantised GGUF) or an unknown name is left as it is.
+    pub fn release_pages(&self, name: &str) {
+        let (Storage::Mapped(shards), Some(entry)) = (&self.storage, self.index.get(name)) else {
+            return;
+        };
+        let Some(shard) = shards.get(entry.shard) else {
+            return;
+        };
+        const PAGE: usize = 4096;
+        let start = entry.info.start.div_ceil(PAGE) * PAGE;
+        let end = entry.info.end / PAGE * PAGE;
+        if end <= start || end > shard.mmap.len() {
+            return;
+        }
+        // SAFETY: the mapping is a read-only, shared mapping of the file (`Mmap::map`), so
+        // MADV_DONTNEED only drops clean page-cache pages from this process; any later read
+        // of the range (through a `TensorView` still alive) faults the same bytes back in
+        // from the file, the same guarantee as the mapping itself. The range lies inside the
+        // mapping (checked above) and is page-aligned.
+        let _ = unsafe {
+            shard.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                end - start,
+            )
+        };
+    }
+
     /// The validated config.
     pub fn config(&self) -> &ModelConfig {
         &self.config

@@ -73,12 +73,10 @@ fn load_linear(ck: &Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
     } else {
         None
     };
-    Ok(Linear {
-        w: pack(&t, out, inp),
-        bias,
-        out,
-        inp,
-    })
+    let w = pack(&t, out, inp);
+    // Packed: the file's pages of this tensor are not needed any more.
+    ck.release_pages(t.name);
+    Ok(Linear { w, bias, out, inp })
 }
 
 /// A `[n, k]` weight packed for the GEMM: bf16 checkpoints stay bf16 (widened in the
@@ -102,7 +100,9 @@ fn load_embedding(ck: &Checkpoint, vocab: usize, hidden: usize) -> Result<Packed
             t.shape
         )));
     }
-    Ok(pack(&t, vocab, hidden))
+    let packed = pack(&t, vocab, hidden);
+    ck.release_pages(name);
+    Ok(packed)
 }
 
 impl CpuBackend {
