@@ -8,10 +8,14 @@ use spindle::replay::{blocks_for, replay_with_stats};
 use spindle::tree_file::TreeNode;
 use spindle::AttentionMode;
 
-const TOL: f32 = 1e-3;
+/// A correct f32 forward reaches about 1.3e-5 against the float32 reference (summation
+/// order differs from PyTorch's); 1e-4 leaves room for that and nothing a real bug makes
+/// (a wrong position, mask or weight moves logits by 1e-2 or more on these models).
+const TOL: f32 = 1e-4;
 
 #[test]
 fn sequences_match_reference_logits() {
+    let mut sequences = 0;
     for name in FIXTURES {
         let r = reference(name);
         for case in r["cases"].as_array().expect("cases") {
@@ -29,20 +33,22 @@ fn sequences_match_reference_logits() {
             );
             assert!(d <= TOL, "{name} {}: max |diff| {d}", case["name"]);
             assert!(e.pool().all_free(), "blocks leaked");
+            sequences += 1;
         }
     }
+    assert_eq!(sequences, 3, "every fixture's sequence case ran (one each)");
 }
 
 #[test]
 fn trees_match_reference_logits_at_every_block_size_and_mode() {
-    let mut trees = 0;
+    let mut trees = Vec::new();
     for name in FIXTURES {
         let r = reference(name);
         for case in r["cases"].as_array().expect("cases") {
             if case["kind"] != "tree" {
                 continue;
             }
-            trees += 1;
+            trees.push(format!("{name}/{}", case["name"].as_str().expect("name")));
             for block_size in [1, 3, 16] {
                 for mode in [AttentionMode::Forked, AttentionMode::Naive] {
                     let vocab = r["cases"][0]["logits"][0].as_array().expect("row").len();
@@ -66,8 +72,16 @@ fn trees_match_reference_logits_at_every_block_size_and_mode() {
         }
     }
     assert_eq!(
-        trees, 4,
-        "every fixture tree case ran (2 llama, 1 qwen2, 1 qwen3)"
+        trees,
+        [
+            "tiny-llama/fork3_reuse",
+            "tiny-llama/fork2_reprefill",
+            "tiny-llama/fork3_longest_first",
+            "tiny-qwen2/fork4_reuse",
+            "tiny-qwen2/nested_longest_first",
+            "tiny-qwen3/fork3_reuse_nested",
+        ],
+        "every fixture tree case ran"
     );
 }
 
