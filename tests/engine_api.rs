@@ -31,6 +31,8 @@ fn misuse_is_refused_with_a_reason() {
     // Feeding a waiting parent, and joining before the children end.
     assert!(e.feed(root, &[4]).is_err());
     assert!(e.join(root, JoinKind::Reprefill).is_err());
+    e.check_refcounts()
+        .expect("refcounts while children share the prompt's blocks");
     for &k in &kids {
         e.feed(k, &[5, 6]).expect("feed");
     }
@@ -83,6 +85,9 @@ fn a_step_reports_who_waited_and_who_was_preempted() {
     let ran: Vec<_> = s.threads.iter().map(|t| (t.thread, t.fed)).collect();
     assert_eq!(ran, [(a, 4), (b, 8)]);
     assert!(s.waiting.is_empty() && s.preempted.is_empty());
+    assert_eq!(e.pool().num_free(), 0);
+    e.check_refcounts()
+        .expect("refcounts while every block is held");
     e.feed(a, &[13]).expect("feed");
     e.feed(b, &[14]).expect("feed");
     // No block is free: the younger request is preempted (its 8 tokens queued again),
