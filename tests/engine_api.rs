@@ -81,7 +81,12 @@ fn a_step_reports_who_waited_and_who_was_preempted() {
     let b = e
         .add_request(&[5, 6, 7, 8, 9, 10, 11, 12])
         .expect("request");
+    assert!(
+        e.thread(a).expect("a").view.is_empty(),
+        "nothing cached yet"
+    );
     let s = e.step().expect("step");
+    assert!(!e.thread(a).expect("a").view.is_empty());
     let ran: Vec<_> = s.threads.iter().map(|t| (t.thread, t.fed)).collect();
     assert_eq!(ran, [(a, 4), (b, 8)]);
     assert!(s.waiting.is_empty() && s.preempted.is_empty());

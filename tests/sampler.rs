@@ -4,6 +4,7 @@
 //! above 1 - 1e-9 (and a correct sampler passes with probability above 1 - 1e-9).
 
 use spindle::generate::rng::Rng;
+use spindle::generate::sampler::argmax;
 use spindle::generate::{Sampler, SamplingParams};
 
 /// Ids are not in logit order, and no two logits tie.
@@ -158,4 +159,13 @@ fn greedy_settings_take_the_argmax_every_time() {
             assert_eq!(s.sample(&LOGITS, &mut rng), 1, "T {t}, k {k}");
         }
     }
+}
+
+#[test]
+fn greedy_ties_go_to_the_lowest_id() {
+    assert_eq!(argmax(&[0.5, 2.0, -1.0, 2.0, 2.0]), 1);
+    assert_eq!(argmax(&[3.0, 3.0]), 0);
+    assert_eq!(argmax(&[]), 0);
+    let s = Sampler::new(SamplingParams::default());
+    assert_eq!(s.sample(&[1.0, 4.0, 4.0], &mut Rng::new(1)), 1);
 }

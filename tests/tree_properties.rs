@@ -495,6 +495,25 @@ fn random_trees_match_flattened_forward_and_free_every_block() {
 }
 
 #[test]
+fn tree_sizes_count_every_fed_token() {
+    let v: serde_json::Value = serde_json::from_str(
+        r#"{"tokens":[1,2,3],"fork":{"join":"reuse","children":[{"tokens":[4,5]},{"tokens":[6,7,8]}]},
+            "then":{"tokens":[9],"fork":{"join":"reprefill","children":[
+                {"tokens":[10,11,12]},{"tokens":[13,14],"returns":[15,16]}]}}}"#,
+    )
+    .expect("tree JSON");
+    let tree = TreeNode::parse(&v, "sizes", limits(512)).expect("tree");
+    // Own 3 + children 2 + 3, then 1 + children 3 + 2 + re-prefilled 3 (a transcript)
+    // + 2 (returns).
+    assert_eq!(tree.total_tokens(), 19);
+    assert_eq!(tree.num_nodes(), 6);
+    // The flattened tree feeds exactly those tokens.
+    let mut all = Vec::new();
+    flatten(&tree, &mut Vec::new(), &mut 0, &mut all);
+    assert_eq!(all.len(), 19);
+}
+
+#[test]
 fn shared_prefix_is_read_once_per_step_and_layer() {
     let (p, w, s) = (40u64, 6u64, 5u64);
     let layers = 3u64; // tiny-llama
