@@ -268,7 +268,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blocks_needed_counts_from_where_a_mid_block_span_ends() {
+    fn a_mid_block_span_reports_its_slots_and_blocks_needed() {
         let mut pool = BlockPool::new(16, 4);
         let mut copies = Vec::new();
         let cow = SharedTail::CopyOnWrite;
@@ -278,6 +278,20 @@ mod tests {
         // ending at slot 2 of it.
         let mut tail = parent.suffix(5, &mut pool);
         assert_eq!((tail.spans()[0].offset, tail.len()), (1, 1));
+        let (b0, b1) = (parent.spans()[0].blocks[0], parent.spans()[0].blocks[1]);
+        let slot = |b: u32, s: u32| b * 4 + s;
+        assert_eq!(
+            parent.slots(4),
+            [
+                slot(b0, 0),
+                slot(b0, 1),
+                slot(b0, 2),
+                slot(b0, 3),
+                slot(b1, 0),
+                slot(b1, 1)
+            ]
+        );
+        assert_eq!(tail.slots(4), [slot(b1, 1)]);
         // Copy-on-write: one copy of the shared block holds 2 of 3 new tokens, one more
         // block the third.
         assert_eq!(tail.blocks_needed(3, &pool, cow), 2);
