@@ -80,6 +80,9 @@ pub struct EngineStats {
     pub cow_copies: u64,
     /// Preemptions under memory pressure.
     pub preemptions: u64,
+    /// Those of them that hit a thread after it had joined children by KV reuse (the case
+    /// where the merged children's cache must survive the preemption).
+    pub preemptions_after_reuse_join: u64,
 }
 
 /// Threads, block pool and backend.
@@ -197,6 +200,7 @@ impl<B: Backend> Engine<B> {
             next_pos: 0,
             fork_len: 0,
             pinned_len: 0,
+            reuse_joins: 0,
             fork_pos: 0,
             pending: Default::default(),
             returns: None,
@@ -297,6 +301,7 @@ impl<B: Backend> Engine<B> {
                 children: Vec::new(),
                 fork_len: view.len(),
                 pinned_len: view.len(),
+                reuse_joins: 0,
                 view,
                 ctx_tokens,
                 ctx_pos,
@@ -428,6 +433,7 @@ impl<B: Backend> Engine<B> {
         if kind == JoinKind::Reuse {
             parent.next_pos = p.saturating_add(extent);
             parent.pinned_len = parent.view.len();
+            parent.reuse_joins += 1;
         }
         check_positions(parent.next_pos, queued.len())?;
         parent.feed(&queued);
@@ -502,6 +508,9 @@ impl<B: Backend> Engine<B> {
         t.ctx_tokens.truncate(keep);
         t.ctx_pos.truncate(keep);
         self.stats.preemptions += 1;
+        if t.reuse_joins > 0 {
+            self.stats.preemptions_after_reuse_join += 1;
+        }
     }
 
     /// Runs one fused step: every active thread's next queued tokens (a prefill chunk or

@@ -66,6 +66,8 @@ pub struct Thread {
     /// shared prefix, and everything up to its last KV-reuse join (children's K/V were
     /// computed with their own visibility). Preemption keeps them.
     pub pinned_len: usize,
+    /// KV-reuse joins this thread has made (children's caches merged into its context).
+    pub reuse_joins: u32,
     pub fork_pos: u32,
     /// Tokens queued for the next steps.
     pub pending: VecDeque<Pending>,

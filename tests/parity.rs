@@ -1,17 +1,23 @@
 //! Parity with Hugging Face `transformers`: every fixture case through the engine on the
-//! CPU backend, at several block sizes and in both attention modes.
+//! CPU backend, at several block sizes, in both attention modes and both shared-tail
+//! policies.
 
 mod common;
 
 use common::*;
+use spindle::kv::SharedTail;
 use spindle::replay::{blocks_for, replay_with_stats};
 use spindle::tree_file::TreeNode;
 use spindle::AttentionMode;
 
-const TOL: f32 = 1e-3;
+/// A correct f32 forward reaches about 1.3e-5 against the float32 reference (summation
+/// order differs from PyTorch's); 1e-4 leaves room for that, the fixtures' README calls
+/// it a fair bound, and every bug planted in docs/testing.md lands far outside it.
+const TOL: f32 = 1e-4;
 
 #[test]
 fn sequences_match_reference_logits() {
+    let mut sequences = 0;
     for name in FIXTURES {
         let r = reference(name);
         for case in r["cases"].as_array().expect("cases") {
@@ -29,29 +35,44 @@ fn sequences_match_reference_logits() {
             );
             assert!(d <= TOL, "{name} {}: max |diff| {d}", case["name"]);
             assert!(e.pool().all_free(), "blocks leaked");
+            sequences += 1;
         }
     }
+    assert_eq!(sequences, 3, "every fixture's sequence case ran (one each)");
 }
 
 #[test]
 fn trees_match_reference_logits_at_every_block_size_and_mode() {
-    let mut trees = 0;
+    let mut trees = Vec::new();
     for name in FIXTURES {
         let r = reference(name);
         for case in r["cases"].as_array().expect("cases") {
             if case["kind"] != "tree" {
                 continue;
             }
-            trees += 1;
+            trees.push(format!("{name}/{}", case["name"].as_str().expect("name")));
             for block_size in [1, 3, 16] {
-                for mode in [AttentionMode::Forked, AttentionMode::Naive] {
+                for (mode, shared_tail) in [
+                    (AttentionMode::Forked, SharedTail::NewSpan),
+                    (AttentionMode::Naive, SharedTail::NewSpan),
+                    (AttentionMode::Forked, SharedTail::CopyOnWrite),
+                ] {
                     let vocab = r["cases"][0]["logits"][0].as_array().expect("row").len();
                     let tree = parse_tree(&case["tree"], vocab);
-                    let mut e = engine(name, blocks_for(&tree, block_size), block_size, mode);
+                    let ck = model_loader::Checkpoint::open(&fixture(name)).expect("fixture");
+                    let backend =
+                        spindle::CpuBackend::load(&ck, blocks_for(&tree, block_size), block_size)
+                            .expect("backend");
+                    let cfg = spindle::EngineConfig {
+                        mode,
+                        shared_tail,
+                        ..Default::default()
+                    };
+                    let mut e = spindle::Engine::new(backend, cfg);
                     let (out, stats) = replay_with_stats(&mut e, &tree).expect("replay");
                     let d = tree_diff(&out, &case["tree"], &format!("{name}/{}", case["name"]));
                     println!(
-                        "{name} {} bs={block_size} {mode:?}: max |diff| = {d:.2e}, steps {}, blocks peak {} (private {}), kv read {} (naive {})",
+                        "{name} {} bs={block_size} {mode:?} {shared_tail:?}: max |diff| = {d:.2e}, steps {}, blocks peak {} (private {}), kv read {} (naive {})",
                         case["name"], stats.steps, stats.blocks_peak, stats.blocks_without_sharing, stats.kv_tokens_read, stats.kv_tokens_read_naive
                     );
                     assert!(
@@ -66,8 +87,16 @@ fn trees_match_reference_logits_at_every_block_size_and_mode() {
         }
     }
     assert_eq!(
-        trees, 4,
-        "every fixture tree case ran (2 llama, 1 qwen2, 1 qwen3)"
+        trees,
+        [
+            "tiny-llama/fork3_reuse",
+            "tiny-llama/fork2_reprefill",
+            "tiny-llama/fork3_longest_first",
+            "tiny-qwen2/fork4_reuse",
+            "tiny-qwen2/nested_longest_first",
+            "tiny-qwen3/fork3_reuse_nested",
+        ],
+        "every fixture tree case ran"
     );
 }
 

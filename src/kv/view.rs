@@ -268,6 +268,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_mid_block_span_reports_its_slots_and_blocks_needed() {
+        let mut pool = BlockPool::new(16, 4);
+        let mut copies = Vec::new();
+        let cow = SharedTail::CopyOnWrite;
+        let mut parent = KvView::new();
+        parent.append(6, &mut pool, &mut copies, cow).expect("room");
+        // Tokens 5..6 of the parent: a span starting at offset 1 of its shared second block,
+        // ending at slot 2 of it.
+        let mut tail = parent.suffix(5, &mut pool);
+        assert_eq!((tail.spans()[0].offset, tail.len()), (1, 1));
+        let (b0, b1) = (parent.spans()[0].blocks[0], parent.spans()[0].blocks[1]);
+        let slot = |b: u32, s: u32| b * 4 + s;
+        assert_eq!(
+            parent.slots(4),
+            [
+                slot(b0, 0),
+                slot(b0, 1),
+                slot(b0, 2),
+                slot(b0, 3),
+                slot(b1, 0),
+                slot(b1, 1)
+            ]
+        );
+        assert_eq!(tail.slots(4), [slot(b1, 1)]);
+        // Copy-on-write: one copy of the shared block holds 2 of 3 new tokens, one more
+        // block the third.
+        assert_eq!(tail.blocks_needed(3, &pool, cow), 2);
+        assert_eq!(tail.blocks_needed(2, &pool, cow), 1);
+        // A new span ignores the partial block.
+        assert_eq!(tail.blocks_needed(3, &pool, SharedTail::NewSpan), 1);
+        tail.release(&mut pool);
+        parent.release(&mut pool);
+        assert!(pool.all_free());
+    }
+
+    #[test]
     fn fork_copies_at_most_the_partial_tail() {
         let mut pool = BlockPool::new(16, 4);
         let mut copies = Vec::new();

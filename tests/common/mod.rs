@@ -81,7 +81,9 @@ pub fn max_diff(got: &[Vec<f32>], want: &Value, what: &str) -> f32 {
     m
 }
 
-/// Max difference over a whole tree (logits, join logits, children, then).
+/// Max difference over a whole tree (logits, join logits, children, then). The walk goes
+/// both ways: output the reference does not have (join logits of a reuse join, children
+/// of a node that does not fork, a `then` the reference lacks) is an error too.
 pub fn tree_diff(got: &NodeLogits, want: &Value, what: &str) -> f32 {
     tree_diff_with(got, want, what, &max_diff)
 }
@@ -92,25 +94,60 @@ pub type RowsDiff = dyn Fn(&[Vec<f32>], &Value, &str) -> f32;
 /// [`tree_diff`] with the row-matrix comparison `diff` (full rows, or sparse reference rows).
 pub fn tree_diff_with(got: &NodeLogits, want: &Value, what: &str, diff: &RowsDiff) -> f32 {
     let mut m = diff(&got.logits, &want["logits"], what);
-    if let Some(fork) = want.get("fork") {
-        if fork["join"] == "reprefill" {
-            m = m.max(diff(
-                &got.join_logits,
-                &fork["join_logits"],
-                &format!("{what}.join"),
-            ));
+    match want.get("fork") {
+        Some(fork) => {
+            if fork["join"] == "reprefill" {
+                m = m.max(diff(
+                    &got.join_logits,
+                    &fork["join_logits"],
+                    &format!("{what}.join"),
+                ));
+            } else {
+                assert!(
+                    got.join_logits.is_empty(),
+                    "{what}: join logits at a reuse join"
+                );
+            }
+            let kids = fork["children"].as_array().expect("children");
+            assert_eq!(got.children.len(), kids.len(), "{what}: children");
+            for (i, (g, w)) in got.children.iter().zip(kids).enumerate() {
+                m = m.max(tree_diff_with(g, w, &format!("{what}.children[{i}]"), diff));
+            }
         }
-        let kids = fork["children"].as_array().expect("children");
-        assert_eq!(got.children.len(), kids.len(), "{what}: children");
-        for (i, (g, w)) in got.children.iter().zip(kids).enumerate() {
-            m = m.max(tree_diff_with(g, w, &format!("{what}.children[{i}]"), diff));
+        None => {
+            assert!(got.children.is_empty(), "{what}: children without a fork");
+            assert!(
+                got.join_logits.is_empty(),
+                "{what}: join logits without a fork"
+            );
         }
     }
-    if let Some(then) = want.get("then") {
-        let g = got.then.as_deref().expect("then logits");
-        m = m.max(tree_diff_with(g, then, &format!("{what}.then"), diff));
+    match (want.get("then"), got.then.as_deref()) {
+        (Some(then), Some(g)) => m = m.max(tree_diff_with(g, then, &format!("{what}.then"), diff)),
+        (Some(_), None) => panic!("{what}: then logits missing"),
+        (None, Some(_)) => panic!("{what}: then logits the reference does not have"),
+        (None, None) => {}
     }
     m
+}
+
+/// Counts the logit rows a reference tree node holds (own, join and every descendant's).
+pub fn tree_rows(want: &Value) -> usize {
+    let rows = |v: &Value| v.as_array().map_or(0, Vec::len);
+    let mut n = rows(&want["logits"]);
+    if let Some(fork) = want.get("fork") {
+        n += rows(&fork["join_logits"]);
+        n += fork["children"]
+            .as_array()
+            .expect("children")
+            .iter()
+            .map(tree_rows)
+            .sum::<usize>();
+    }
+    if let Some(then) = want.get("then") {
+        n += tree_rows(then);
+    }
+    n
 }
 
 pub fn parse_tree(v: &Value, vocab: usize) -> TreeNode {
