@@ -86,8 +86,8 @@ fn run_prefill(e: &mut Engine<CpuBackend>, root: ThreadId) -> Vec<f32> {
         let out = e.step().expect("step");
         for t in out.threads {
             if t.thread == root {
-                if let Some(row) = t.logits.into_iter().last() {
-                    last = row;
+                if let Some(row) = out.last_logits(t) {
+                    last = row.to_vec();
                 }
             }
         }
@@ -121,6 +121,7 @@ fn decode(ck: &Checkpoint, p: usize, w: usize, steps: usize, mode: AttentionMode
         e.feed(k, &[(first as usize + i) as u32 % vocab as u32])
             .expect("feed");
     }
+    let mut next = Vec::with_capacity(w);
     let t0 = Instant::now();
     for s in 0..steps {
         let out = e.step().expect("step");
@@ -128,9 +129,13 @@ fn decode(ck: &Checkpoint, p: usize, w: usize, steps: usize, mode: AttentionMode
         if s + 1 == steps {
             break;
         }
+        next.clear();
         for t in out.threads {
-            let row = t.logits.last().expect("logits");
-            e.feed(t.thread, &[argmax(row)]).expect("feed");
+            let row = out.last_logits(t).expect("logits");
+            next.push((t.thread, argmax(row)));
+        }
+        for &(t, token) in &next {
+            e.feed(t, &[token]).expect("feed");
         }
     }
     let secs = t0.elapsed().as_secs_f64();

@@ -8,7 +8,7 @@ use crate::backend::{Backend, StepInput};
 use crate::error::{Result, SpindleError};
 use crate::kv::{BlockPool, KvView, SharedTail};
 use crate::model;
-use crate::plan::{AttentionMode, AttentionPlan, PlanThread};
+use crate::plan::{AttentionMode, PlanInput, Planner, ViewSource};
 use crate::tree::{JoinKind, Pending, Thread, ThreadId, ThreadState, MAX_POSITION};
 use std::collections::BTreeSet;
 
@@ -40,26 +40,73 @@ impl Default for EngineConfig {
 }
 
 /// What one step produced for one thread.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThreadOutput {
     pub thread: ThreadId,
     /// Tokens appended this step (recomputed ones included).
     pub fed: usize,
-    /// `[rows][vocab]` logits, in order: at every newly fed token when the thread asked for
-    /// all logits, else only at its last queued token (the next-token distribution).
-    pub logits: Vec<Vec<f32>>,
+    /// Its logits rows in the step's `[rows, vocab]` buffer: `first_logit ..
+    /// first_logit + logit_rows`. A thread that asked for all logits gets one row per
+    /// newly fed token, else one at its last queued token (the next-token distribution)
+    /// or none.
+    pub first_logit: usize,
+    pub logit_rows: usize,
 }
 
-/// What one step did.
-#[derive(Debug, Clone, Default)]
-pub struct StepOutput {
-    pub threads: Vec<ThreadOutput>,
+/// What one step did. It borrows the engine's buffers: read (or copy) what you need
+/// before the next call that changes the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutput<'a> {
+    /// One entry per thread that ran, in batch order.
+    pub threads: &'a [ThreadOutput],
     /// Rows in the fused batch.
     pub rows: usize,
     /// Threads preempted (their tokens queued for recompute) to make room.
-    pub preempted: Vec<ThreadId>,
+    pub preempted: &'a [ThreadId],
     /// Threads with queued tokens that did not fit this step (free blocks or token budget).
-    pub waiting: Vec<ThreadId>,
+    pub waiting: &'a [ThreadId],
+    /// `[logit rows, vocab]`: every logits row of the step, threads in batch order.
+    pub logits: &'a [f32],
+    /// Vocabulary size (the length of one logits row).
+    pub vocab: usize,
+}
+
+impl<'a> StepOutput<'a> {
+    /// The logits rows of `t` (one `[vocab]` slice each), in feeding order.
+    pub fn logits_of(&self, t: &ThreadOutput) -> impl ExactSizeIterator<Item = &'a [f32]> {
+        let (a, b) = (
+            t.first_logit * self.vocab,
+            (t.first_logit + t.logit_rows) * self.vocab,
+        );
+        self.logits[a..b].chunks_exact(self.vocab.max(1))
+    }
+
+    /// The last logits row of `t` (its next-token distribution), if it has one.
+    pub fn last_logits(&self, t: &ThreadOutput) -> Option<&'a [f32]> {
+        self.logits_of(t).last()
+    }
+}
+
+/// A thread admitted to this step: `n` tokens, rows `first_row ..`.
+#[derive(Debug, Clone, Copy)]
+struct Admitted {
+    id: ThreadId,
+    n: usize,
+    first_row: u32,
+}
+
+/// Buffers one step fills, kept across steps so a steady decode step allocates nothing.
+#[derive(Debug, Default)]
+struct StepBuffers {
+    input: StepInput,
+    candidates: Vec<ThreadId>,
+    batch: Vec<Admitted>,
+    outputs: Vec<ThreadOutput>,
+    plan_inputs: Vec<PlanInput>,
+    preempted: Vec<ThreadId>,
+    waiting: Vec<ThreadId>,
+    /// `[logit rows, vocab]`.
+    logits: Vec<f32>,
 }
 
 /// Counters over the engine's life.
@@ -95,12 +142,15 @@ pub struct Engine<B: Backend> {
     live: BTreeSet<ThreadId>,
     cfg: EngineConfig,
     stats: EngineStats,
+    planner: Planner,
+    buf: StepBuffers,
 }
 
 impl<B: Backend> Engine<B> {
     /// An engine over `backend`'s cache.
     pub fn new(backend: B, cfg: EngineConfig) -> Self {
         let pool = BlockPool::new(backend.num_blocks(), backend.block_size());
+        let planner = Planner::new(cfg.mode, cfg.split_tokens, backend.block_size());
         Self {
             backend,
             pool,
@@ -108,6 +158,8 @@ impl<B: Backend> Engine<B> {
             live: BTreeSet::new(),
             cfg,
             stats: EngineStats::default(),
+            planner,
+            buf: StepBuffers::default(),
         }
     }
 
@@ -488,57 +540,42 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    /// Preemption by recompute: drops the thread's own cached tokens past its fork point and
-    /// queues them again (with their positions), so nothing is lost.
-    fn preempt(&mut self, id: ThreadId) {
-        let t = &mut self.threads[id];
-        let keep = t.pinned_len;
-        let mut requeue: Vec<Pending> = t.ctx_tokens[keep..]
-            .iter()
-            .zip(&t.ctx_pos[keep..])
-            .map(|(&token, &pos)| Pending {
-                token,
-                pos,
-                emit: false,
-            })
-            .collect();
-        requeue.extend(t.pending.drain(..));
-        t.pending = requeue.into();
-        t.view.truncate(keep, &mut self.pool);
-        t.ctx_tokens.truncate(keep);
-        t.ctx_pos.truncate(keep);
-        self.stats.preemptions += 1;
-        if t.reuse_joins > 0 {
-            self.stats.preemptions_after_reuse_join += 1;
-        }
-    }
-
     /// Runs one fused step: every active thread's next queued tokens (a prefill chunk or
     /// one decode token) in one forward pass. Threads the pool cannot hold wait; if none
-    /// fits, the youngest running thread is preempted.
-    pub fn step(&mut self) -> Result<StepOutput> {
+    /// fits, the youngest running thread is preempted. The output borrows the engine's
+    /// buffers (the logits are one `[rows, vocab]` buffer, not copied per thread).
+    pub fn step(&mut self) -> Result<StepOutput<'_>> {
         let bs = self.pool.block_size();
-        let mut out = StepOutput::default();
-        let candidates: Vec<ThreadId> = self
-            .live
-            .iter()
-            .copied()
-            .filter(|&id| {
-                let t = &self.threads[id];
-                t.state == ThreadState::Active && !t.pending.is_empty()
-            })
-            .collect();
-        if candidates.is_empty() {
-            return Ok(out);
+        let buf = &mut self.buf;
+        buf.candidates.clear();
+        buf.batch.clear();
+        buf.outputs.clear();
+        buf.preempted.clear();
+        buf.waiting.clear();
+        buf.logits.clear();
+        let input = &mut buf.input;
+        input.tokens.clear();
+        input.positions.clear();
+        input.slots.clear();
+        input.logit_rows.clear();
+        input.copies.clear();
+        for &id in &self.live {
+            let t = &self.threads[id];
+            if t.state == ThreadState::Active && !t.pending.is_empty() {
+                buf.candidates.push(id);
+            }
+        }
+        if buf.candidates.is_empty() {
+            return Ok(self.output(0));
         }
         // Admission: oldest first, within the step's token budget and the free blocks.
-        let mut batch: Vec<(ThreadId, usize, Vec<u32>)> = Vec::new();
-        let mut copies = Vec::new();
-        let mut budget = self.cfg.max_step_tokens.max(1);
+        // A pass that admits nobody preempts one thread and starts over, so every pass
+        // starts with an empty batch.
         loop {
-            for &id in &candidates {
-                if budget == 0 || batch.iter().any(|b| b.0 == id) {
-                    continue;
+            let mut budget = self.cfg.max_step_tokens.max(1);
+            for &id in &buf.candidates {
+                if budget == 0 {
+                    break;
                 }
                 let t = &mut self.threads[id];
                 let n = t
@@ -546,90 +583,85 @@ impl<B: Backend> Engine<B> {
                     .len()
                     .min(self.cfg.prefill_chunk.max(1))
                     .min(budget);
-                if let Some(slots) =
-                    t.view
-                        .append(n, &mut self.pool, &mut copies, self.cfg.shared_tail)
-                {
+                if t.view.append_into(
+                    n,
+                    &mut self.pool,
+                    &mut input.copies,
+                    self.cfg.shared_tail,
+                    &mut input.slots,
+                ) {
                     budget -= n;
-                    batch.push((id, n, slots));
+                    buf.batch.push(Admitted {
+                        id,
+                        n,
+                        first_row: 0,
+                    });
                 }
             }
-            if !batch.is_empty() {
+            if !buf.batch.is_empty() {
                 break;
             }
             // Nothing fits: preempt the youngest thread that holds blocks of its own.
-            let victim = self
-                .live
-                .iter()
-                .rev()
-                .map(|&id| &self.threads[id])
-                .find(|t| {
-                    t.state == ThreadState::Active
-                        && t.view.len() > t.pinned_len
-                        && t.id != candidates[0]
-                });
-            match victim.map(|t| t.id) {
+            let first = buf.candidates[0];
+            let victim = self.live.iter().rev().copied().find(|&id| {
+                let t = &self.threads[id];
+                t.state == ThreadState::Active && t.view.len() > t.pinned_len && id != first
+            });
+            match victim {
                 Some(v) => {
-                    self.preempt(v);
-                    out.preempted.push(v);
+                    preempt(&mut self.threads[v], &mut self.pool, &mut self.stats);
+                    buf.preempted.push(v);
                 }
                 None => {
-                    let thread = candidates[0];
                     return Err(SpindleError::ThreadDoesNotFit {
-                        thread,
-                        request: self.threads[thread].request,
+                        thread: first,
+                        request: self.threads[first].request,
                         free: self.pool.num_free(),
                         block_size: bs,
                     });
                 }
             }
         }
-        out.waiting = candidates
-            .iter()
-            .copied()
-            .filter(|id| !batch.iter().any(|b| b.0 == *id))
-            .collect();
-        // Build the step's rows and the plan.
-        let mut step = StepInput {
-            copies,
-            ..Default::default()
-        };
-        let mut plan_threads = Vec::with_capacity(batch.len());
-        let mut emit_rows: Vec<Vec<bool>> = Vec::with_capacity(batch.len());
-        for (id, n, slots) in &batch {
-            let t = &mut self.threads[*id];
-            let mut rows = Vec::with_capacity(*n);
-            let mut emits = Vec::with_capacity(*n);
-            for (i, slot) in slots.iter().enumerate() {
+        // Who waits: the candidates not admitted (the batch is a subsequence of them).
+        let mut admitted = buf.batch.iter().map(|a| a.id).peekable();
+        for &id in &buf.candidates {
+            if admitted.peek() == Some(&id) {
+                admitted.next();
+            } else {
+                buf.waiting.push(id);
+            }
+        }
+        // The step's rows.
+        for a in buf.batch.iter_mut() {
+            let t = &mut self.threads[a.id];
+            a.first_row = input.tokens.len() as u32;
+            let first_logit = input.logit_rows.len();
+            for _ in 0..a.n {
                 let Some(p) = t.pending.pop_front() else {
                     break;
                 };
-                let row = step.tokens.len() as u32;
-                step.tokens.push(p.token);
-                step.positions.push(p.pos);
-                step.slots.push(*slot);
+                let row = input.tokens.len() as u32;
+                input.tokens.push(p.token);
+                input.positions.push(p.pos);
                 t.ctx_tokens.push(p.token);
                 t.ctx_pos.push(p.pos);
-                let limit = (t.view.len() - n + i + 1) as u32;
-                rows.push((row, limit));
                 if p.emit {
                     t.tokens_fed += 1;
                 }
                 // Logits for every fed token, or only for the next-token distribution.
-                let emit = p.emit && (t.all_logits || t.pending.is_empty());
-                if emit {
-                    step.logit_rows.push(row);
+                if p.emit && (t.all_logits || t.pending.is_empty()) {
+                    input.logit_rows.push(row);
                 }
-                emits.push(emit);
             }
-            plan_threads.push(PlanThread {
-                chunks: t.view.chunks(bs),
-                rows,
+            buf.outputs.push(ThreadOutput {
+                thread: a.id,
+                fed: a.n,
+                first_logit,
+                logit_rows: input.logit_rows.len() - first_logit,
             });
-            emit_rows.push(emits);
         }
         if cfg!(debug_assertions) {
-            for &slot in &step.slots {
+            for &slot in &input.slots {
                 let block = slot / bs as u32;
                 debug_assert_eq!(
                     self.pool.refcount(block),
@@ -638,17 +670,26 @@ impl<B: Backend> Engine<B> {
                 );
             }
         }
-        step.plan = AttentionPlan::build(&plan_threads, self.cfg.mode, self.cfg.split_tokens);
-        let naive: u64 = plan_threads
+        buf.plan_inputs.clear();
+        buf.plan_inputs.extend(buf.batch.iter().map(|a| PlanInput {
+            key: a.id,
+            first_row: a.first_row,
+            rows: a.n as u32,
+        }));
+        self.planner
+            .step(&buf.plan_inputs, self.threads.as_slice(), &mut input.plan);
+        // Counters: a per-thread kernel reads each thread's whole view.
+        let naive: u64 = buf
+            .batch
             .iter()
-            .map(|t| t.rows.iter().map(|r| r.1 as u64).max().unwrap_or(0))
+            .map(|a| self.threads[a.id].view.len() as u64)
             .sum();
         let layers = self.backend.config().num_layers as u64;
-        self.stats.kv_tokens_read += step.plan.kv_tokens_read * layers;
+        self.stats.kv_tokens_read += input.plan.kv_tokens_read * layers;
         self.stats.kv_tokens_read_naive += naive * layers;
-        self.stats.cow_copies += step.copies.len() as u64;
+        self.stats.cow_copies += input.copies.len() as u64;
         self.stats.steps += 1;
-        self.stats.peak_width = self.stats.peak_width.max(batch.len());
+        self.stats.peak_width = self.stats.peak_width.max(buf.batch.len());
         let private: usize = self
             .live
             .iter()
@@ -656,24 +697,26 @@ impl<B: Backend> Engine<B> {
             .sum();
         self.stats.blocks_without_sharing = self.stats.blocks_without_sharing.max(private);
 
-        let logits = model::forward(&mut self.backend, &step)?;
-        let vocab = self.backend.config().vocab_size;
-        let mut rows = logits.chunks_exact(vocab);
-        out.rows = step.tokens.len();
-        for ((id, n, _), emits) in batch.iter().zip(emit_rows) {
-            let mut l = Vec::new();
-            for e in emits {
-                if e {
-                    l.push(rows.next().map(<[f32]>::to_vec).unwrap_or_default());
-                }
-            }
-            out.threads.push(ThreadOutput {
-                thread: *id,
-                fed: *n,
-                logits: l,
-            });
+        model::forward(&mut self.backend, &self.buf.input, &mut self.buf.logits)?;
+        let rows = self.buf.input.tokens.len();
+        Ok(self.output(rows))
+    }
+
+    /// The last step's output again, borrowing the engine immutably (so the engine can be
+    /// read while it is held).
+    pub fn last_output(&self) -> StepOutput<'_> {
+        self.output(self.buf.input.tokens.len())
+    }
+
+    fn output(&self, rows: usize) -> StepOutput<'_> {
+        StepOutput {
+            threads: &self.buf.outputs,
+            rows,
+            preempted: &self.buf.preempted,
+            waiting: &self.buf.waiting,
+            logits: &self.buf.logits,
+            vocab: self.backend.config().vocab_size,
         }
-        Ok(out)
     }
 
     /// Recounts every block reference from the live views and compares with the pool
@@ -706,4 +749,35 @@ fn check_positions(next: u32, n: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Preemption by recompute: drops the thread's own cached tokens past its pinned length and
+/// queues them again (with their positions) before its queued ones, so nothing is lost.
+fn preempt(t: &mut Thread, pool: &mut BlockPool, stats: &mut EngineStats) {
+    let keep = t.pinned_len;
+    let requeue = t.ctx_tokens[keep..]
+        .iter()
+        .zip(&t.ctx_pos[keep..])
+        .rev()
+        .map(|(&token, &pos)| Pending {
+            token,
+            pos,
+            emit: false,
+        });
+    for p in requeue {
+        t.pending.push_front(p);
+    }
+    t.view.truncate(keep, pool);
+    t.ctx_tokens.truncate(keep);
+    t.ctx_pos.truncate(keep);
+    stats.preemptions += 1;
+    if t.reuse_joins > 0 {
+        stats.preemptions_after_reuse_join += 1;
+    }
+}
+
+impl ViewSource for [Thread] {
+    fn view(&self, key: usize) -> &KvView {
+        &self[key].view
+    }
 }

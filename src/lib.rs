@@ -18,12 +18,14 @@
 //! }
 //! let out = engine.step()?; // all three children in one batch
 //! assert_eq!(out.threads.len(), 3);
+//! assert_eq!(out.logits.len(), 3 * 512); // one [rows, vocab] buffer, borrowed
 //! for &k in &kids {
 //!     engine.finish(k)?;
 //! }
 //! engine.join(root, JoinKind::Reuse)?; // the parent now attends to their K/V
 //! engine.feed(root, &[5])?;
-//! let logits = &engine.step()?.threads[0].logits[0]; // [vocab]
+//! let out = engine.step()?;
+//! let logits = out.last_logits(&out.threads[0]).expect("next-token logits"); // [vocab]
 //! assert_eq!(logits.len(), 512);
 //! engine.finish(root)?;
 //! assert!(engine.pool().all_free());

@@ -3,8 +3,9 @@
 use crate::backend::{Backend, LayerWeight as L, StepInput, Weight};
 use crate::error::Result;
 
-/// Runs one fused step through every layer and returns `[logit_rows, vocab]` logits.
-pub fn forward<B: Backend>(backend: &mut B, step: &StepInput) -> Result<Vec<f32>> {
+/// Runs one fused step through every layer and leaves `[logit_rows, vocab]` logits in
+/// `logits` (replacing what it held; its allocation is reused where the backend can).
+pub fn forward<B: Backend>(backend: &mut B, step: &StepInput, logits: &mut Vec<f32>) -> Result<()> {
     backend.begin_step(step)?;
     let (num_layers, qk_norm) = (backend.config().num_layers, backend.config().qk_norm);
     let mut x = backend.embed()?; // [rows, hidden]
@@ -32,5 +33,5 @@ pub fn forward<B: Backend>(backend: &mut B, step: &StepInput) -> Result<Vec<f32>
         backend.add(&mut x, &down)?;
     }
     let x = backend.rms_norm(&x, Weight::FinalNorm)?;
-    backend.logits(&x)
+    backend.logits(&x, logits)
 }

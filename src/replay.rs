@@ -104,11 +104,12 @@ pub fn replay_tree<B: Backend>(engine: &mut Engine<B>, tree: &TreeNode) -> Resul
             let c = cursors
                 .get_mut(&t.thread)
                 .ok_or_else(|| broken("output for an unknown thread"))?;
-            c.expect = c.expect.saturating_sub(t.logits.len());
+            c.expect = c.expect.saturating_sub(t.logit_rows);
             let node = out_at(&mut out, &c.path);
+            let rows = step.logits_of(t).map(<[f32]>::to_vec);
             match c.phase {
-                Phase::JoinPrefill => node.join_logits.extend(t.logits),
-                _ => node.logits.extend(t.logits),
+                Phase::JoinPrefill => node.join_logits.extend(rows),
+                _ => node.logits.extend(rows),
             }
         }
     }

@@ -85,7 +85,8 @@ fn a_step_reports_who_waited_and_who_was_preempted() {
         e.thread(a).expect("a").view.is_empty(),
         "nothing cached yet"
     );
-    let s = e.step().expect("step");
+    e.step().expect("step");
+    let s = e.last_output();
     assert!(!e.thread(a).expect("a").view.is_empty());
     let ran: Vec<_> = s.threads.iter().map(|t| (t.thread, t.fed)).collect();
     assert_eq!(ran, [(a, 4), (b, 8)]);
@@ -100,7 +101,7 @@ fn a_step_reports_who_waited_and_who_was_preempted() {
     let s = e.step().expect("step");
     let ran: Vec<_> = s.threads.iter().map(|t| (t.thread, t.fed)).collect();
     assert_eq!(ran, [(a, 1)]);
-    assert_eq!((s.preempted, s.waiting, s.rows), (vec![b], vec![b], 1));
+    assert_eq!((s.preempted, s.waiting, s.rows), (&[b][..], &[b][..], 1));
     assert_eq!(e.stats().preemptions, 1);
     assert_eq!(
         e.stats().preemptions_after_reuse_join,
@@ -111,7 +112,7 @@ fn a_step_reports_who_waited_and_who_was_preempted() {
     let s = e.step().expect("step");
     assert_eq!(s.threads.len(), 1);
     assert_eq!((s.threads[0].thread, s.threads[0].fed), (b, 9));
-    assert_eq!(s.threads[0].logits.len(), 1, "only the new token's output");
+    assert_eq!(s.threads[0].logit_rows, 1, "only the new token's output");
     assert!(s.waiting.is_empty());
     e.finish(b).expect("finish");
     assert!(e.pool().all_free());

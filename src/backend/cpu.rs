@@ -455,16 +455,17 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn logits(&mut self, x: &Mat) -> Result<Vec<f32>> {
+    fn logits(&mut self, x: &Mat, out: &mut Vec<f32>) -> Result<()> {
         let h = x.cols;
         let mut sel = Vec::with_capacity(self.step.logit_rows.len() * h);
         for &r in &self.step.logit_rows {
             sel.extend_from_slice(&x.data[r as usize * h..(r as usize + 1) * h]);
         }
         let m = self.step.logit_rows.len();
-        Ok(match &self.lm_head {
+        *out = match &self.lm_head {
             Some(lin) => lin.w.matmul(&sel, m),
             None => self.embed.matmul(&sel, m),
-        })
+        };
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod cpu_attention;
+pub mod null;
 pub mod packed;
 pub mod simd;
 
@@ -89,6 +90,7 @@ pub trait Backend {
     fn attention(&mut self, layer: usize, q: &Self::Act) -> Result<Self::Act>;
     /// `[rows, inter]` = silu(gate) * up.
     fn silu_mul(&mut self, gate: &Self::Act, up: &Self::Act) -> Result<Self::Act>;
-    /// Host copy of `[logit_rows, vocab]` logits for the step's `logit_rows` of `x` (already normed).
-    fn logits(&mut self, x: &Self::Act) -> Result<Vec<f32>>;
+    /// Host copy of `[logit_rows, vocab]` logits for the step's `logit_rows` of `x` (already
+    /// normed), written over `out`.
+    fn logits(&mut self, x: &Self::Act, out: &mut Vec<f32>) -> Result<()>;
 }

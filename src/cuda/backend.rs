@@ -1062,14 +1062,15 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn logits(&mut self, x: &DevMat) -> Result<Vec<f32>> {
+    fn logits(&mut self, x: &DevMat, host: &mut Vec<f32>) -> Result<()> {
         let hidden = self.cfg.hidden_size;
         let rows = self.check_rows("logits", x, hidden)?;
         let s = self.step.as_ref().ok_or_else(|| backend_err("no step"))?;
         let m = s.num_logit_rows;
         let vocab = self.cfg.vocab_size;
+        host.clear();
         if m == 0 || rows == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let stream = self.gpu.stream().clone();
         // Gather the wanted rows: the embedding kernel with x as the table.
@@ -1088,7 +1089,8 @@ impl Backend for CudaBackend {
         let mut out = drv(stream.alloc_zeros::<f32>(m * vocab))?;
         self.blas
             .linear::<f32>(&sel.view(), w, &mut out, m, vocab, hidden, false)?;
-        drv(stream.clone_dtoh(&out))
+        *host = drv(stream.clone_dtoh(&out))?;
+        Ok(())
     }
 }
 

@@ -50,6 +50,14 @@ impl Request {
 }
 
 /// What a thread does once its queued tokens are cached.
+/// What a thread chose from its last logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    Token(u32),
+    /// Its budget was spent: it ends where it is, without drawing.
+    OverBudget,
+}
+
 enum After {
     Decide,
     Fork(ForkSpec),
@@ -78,7 +86,8 @@ struct ThreadCtl {
     generated: Vec<u32>,
     /// Generated tokens counted against budgets (end-of-sequence included).
     count: usize,
-    logits: Option<Vec<f32>>,
+    /// The next token, drawn from the last step's logits while the engine lent them.
+    choice: Option<Choice>,
     after: After,
     started: bool,
     done: bool,
@@ -203,7 +212,7 @@ impl<B: Backend> Generator<B> {
                 prime: req.prompt.clone(),
                 generated: Vec::new(),
                 count: 0,
-                logits: None,
+                choice: None,
                 after: After::Decide,
                 started: true,
                 done: false,
@@ -313,19 +322,39 @@ impl<B: Backend> Generator<B> {
             Err(e) => return Err(e),
         };
         self.steps += 1;
-        for &t in &out.preempted {
+        for &t in out.preempted {
             self.events.push(Event::Preempted { thread: t });
         }
         self.trace.step(self.steps, out.threads.len(), out.rows);
         let mut width: BTreeMap<usize, usize> = BTreeMap::new();
-        for mut t in out.threads {
+        for t in out.threads {
             let Some(c) = self.ctl.get_mut(&t.thread) else {
                 continue;
             };
             *width.entry(c.request).or_default() += 1;
-            if let Some(l) = t.logits.pop() {
-                c.logits = Some(l);
+            // Draw the next token now, from the engine's logits buffer (no copy), for a
+            // thread that will decide next; one about to fork or end does not draw.
+            let Some(logits) = out.last_logits(t) else {
+                continue;
+            };
+            if c.done || !c.started || !matches!(c.after, After::Decide) {
+                continue;
             }
+            let Some(rs) = self.requests.get_mut(&c.request) else {
+                continue;
+            };
+            let over_thread = c.role != Role::Root && c.count >= self.policy.thread_budget;
+            c.choice = Some(if c.remaining() == 0 || over_thread {
+                Choice::OverBudget
+            } else {
+                Choice::Token(rs.source.next_token(Decide {
+                    request: c.request,
+                    path: &c.path,
+                    generated: &c.generated,
+                    logits,
+                    rng: &mut c.rng,
+                }))
+            });
         }
         for (r, w) in width {
             if let Some(rs) = self.requests.get_mut(&r) {
@@ -373,7 +402,7 @@ impl<B: Backend> Generator<B> {
         }
         match std::mem::replace(&mut c.after, After::Decide) {
             After::Fork(spec) => {
-                c.logits = None;
+                c.choice = None;
                 self.fork(id, spec)?;
                 Ok(true)
             }
@@ -381,9 +410,9 @@ impl<B: Backend> Generator<B> {
                 self.end_child(id, returns, EndReason::EndTag)?;
                 Ok(true)
             }
-            After::Decide => match c.logits.take() {
-                Some(logits) => {
-                    self.decide(id, &logits)?;
+            After::Decide => match c.choice.take() {
+                Some(choice) => {
+                    self.decide(id, choice)?;
                     Ok(true)
                 }
                 None => Ok(false),
@@ -391,31 +420,21 @@ impl<B: Backend> Generator<B> {
         }
     }
 
-    /// Chooses thread `id`'s next token from `logits` and acts on it.
-    fn decide(&mut self, id: ThreadId, logits: &[f32]) -> Result<()> {
+    /// Acts on thread `id`'s choice (drawn from its logits at the step).
+    fn decide(&mut self, id: ThreadId, choice: Choice) -> Result<()> {
         let Some(c) = self.ctl.get(&id) else {
             return Ok(());
         };
         let request = c.request;
         let is_root = c.role == Role::Root;
         // Budgets first: a thread out of tokens ends where it is.
-        {
-            let c = &self.ctl[&id];
-            let over_thread = !is_root && c.count >= self.policy.thread_budget;
-            if c.remaining() == 0 || over_thread {
-                return self.truncate(id);
-            }
-        }
+        let token = match choice {
+            Choice::OverBudget => return self.truncate(id),
+            Choice::Token(token) => token,
+        };
         let (Some(c), Some(rs)) = (self.ctl.get_mut(&id), self.requests.get_mut(&request)) else {
             return Ok(());
         };
-        let token = rs.source.next_token(Decide {
-            request,
-            path: &c.path,
-            generated: &c.generated,
-            logits,
-            rng: &mut c.rng,
-        });
         c.count += 1;
         rs.generated += 1;
         let mut up = c.parent;
@@ -624,7 +643,7 @@ impl<B: Backend> Generator<B> {
                     prime: child.prime.clone(),
                     generated: Vec::new(),
                     count: 0,
-                    logits: None,
+                    choice: None,
                     after: After::Decide,
                     started: false,
                     done: false,
@@ -886,7 +905,7 @@ impl<B: Backend> Generator<B> {
             .unwrap_or(0);
         if let Some(c) = self.ctl.get_mut(&parent) {
             c.crit_below += below;
-            c.logits = None;
+            c.choice = None;
         }
         self.events.push(Event::Joined {
             request,

@@ -1,29 +1,104 @@
 //! A thread's view of the KV cache as a list of spans over reference-counted blocks.
 //!
-//! A span is a run of consecutive cached tokens in a chain of blocks, starting `offset`
-//! slots into its first block (design notes section 2). A fork clones the span list and
-//! bumps reference counts; a join by KV reuse appends a child's own spans; an append into
-//! a block another view can still read copies that block first (copy-on-write).
+//! A span is a run of consecutive cached tokens, kept as its per-block chunks. The chunk
+//! list is shared data: a fork copies a pointer to it (and bumps the blocks' reference
+//! counts), never the list, and a list is only changed through the one view that holds it
+//! alone. An append extends the tail span's last chunk or adds a chunk, so a view's chunk
+//! list is never rebuilt. A join by KV reuse appends a child's own spans; an append into a
+//! block another view can still read opens a new span (or copies that block first:
+//! copy-on-write).
 
 use super::block_pool::{BlockId, BlockPool};
+use std::sync::Arc;
 
-/// Consecutive tokens stored in `blocks`, starting at slot `offset` of `blocks[0]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Span {
-    /// Physical blocks in order; the span covers slots `offset .. offset + len` of their concatenation.
-    pub blocks: Vec<BlockId>,
-    /// First slot used in `blocks[0]`.
-    pub offset: usize,
-    /// Tokens in the span.
-    pub len: usize,
-}
+/// Chunks a fresh tail span reserves room for, so a decoding thread's chunk list grows
+/// without reallocating for its first `TAIL_CAPACITY` blocks.
+const TAIL_CAPACITY: usize = 64;
 
 /// A piece of a span inside one block: `len` tokens from slot `start` of `block`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Chunk {
     pub block: BlockId,
     pub start: u32,
     pub len: u32,
+}
+
+/// Consecutive cached tokens: the first `used` chunks of a chunk list that several views
+/// may share.
+#[derive(Debug, Clone)]
+pub struct Span {
+    /// `[chunks]`: shared between the views that hold this span; at least `used` long.
+    chunks: Arc<Vec<Chunk>>,
+    /// Chunks of the list this view uses (a prefix of it).
+    used: usize,
+    /// Tokens in those chunks.
+    len: usize,
+}
+
+impl PartialEq for Span {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.chunks() == other.chunks()
+    }
+}
+
+impl Eq for Span {}
+
+impl Span {
+    fn new(first: Chunk) -> Self {
+        let mut chunks = Vec::with_capacity(TAIL_CAPACITY);
+        chunks.push(first);
+        Span {
+            chunks: Arc::new(chunks),
+            used: 1,
+            len: first.len as usize,
+        }
+    }
+
+    fn from_chunks(chunks: Vec<Chunk>) -> Self {
+        Span {
+            len: chunks.iter().map(|c| c.len as usize).sum(),
+            used: chunks.len(),
+            chunks: Arc::new(chunks),
+        }
+    }
+
+    /// The span's per-block chunks, in order.
+    pub fn chunks(&self) -> &[Chunk] {
+        &self.chunks[..self.used]
+    }
+
+    /// Tokens in the span.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a span without tokens (never kept in a view).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// First slot used in the first block.
+    pub fn offset(&self) -> usize {
+        self.chunks().first().map_or(0, |c| c.start as usize)
+    }
+
+    /// Physical blocks in order.
+    pub fn blocks(&self) -> impl Iterator<Item = BlockId> + '_ {
+        self.chunks().iter().map(|c| c.block)
+    }
+
+    /// Identity of the shared chunk list: two spans with the same key hold the same chunk
+    /// at every index both use.
+    pub fn key(&self) -> usize {
+        Arc::as_ptr(&self.chunks) as usize
+    }
+
+    /// The chunk list, for an in-place append: cloned only if another view shares it.
+    fn chunks_mut(&mut self) -> &mut Vec<Chunk> {
+        let v = Arc::make_mut(&mut self.chunks);
+        v.truncate(self.used);
+        v
+    }
 }
 
 /// One block copy requested by copy-on-write: copy every slot of `src` into `dst`.
@@ -46,11 +121,23 @@ pub enum SharedTail {
 }
 
 /// The ordered context a thread attends to. Holds one reference per block occurrence.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct KvView {
     spans: Vec<Span>,
     len: usize,
+    /// Bumped by every change other than an append in place at the tail (new span, copy,
+    /// truncate, extend, release): equal shapes mean only the tail grew.
+    shape: u64,
 }
+
+impl PartialEq for KvView {
+    /// Same tokens in the same blocks (the shape counter is history, not content).
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.spans == other.spans
+    }
+}
+
+impl Eq for KvView {}
 
 impl KvView {
     /// An empty view.
@@ -73,12 +160,28 @@ impl KvView {
         &self.spans
     }
 
-    /// Every block occurrence in the view (one per span that uses it).
-    pub fn block_occurrences(&self) -> impl Iterator<Item = BlockId> + '_ {
-        self.spans.iter().flat_map(|s| s.blocks.iter().copied())
+    /// Changes when anything but an in-place tail append changed the view.
+    pub fn shape(&self) -> u64 {
+        self.shape
     }
 
-    /// A second view of the same tokens (a fork): metadata only, reference counts bumped.
+    /// The last chunk (where the next token goes when it has room).
+    pub fn last_chunk(&self) -> Option<Chunk> {
+        self.spans.last().and_then(|s| s.chunks().last().copied())
+    }
+
+    /// Every block occurrence in the view (one per chunk).
+    pub fn block_occurrences(&self) -> impl Iterator<Item = BlockId> + '_ {
+        self.spans.iter().flat_map(|s| s.blocks())
+    }
+
+    /// The view's chunks, in context order (no copy).
+    pub fn chunk_iter(&self) -> impl Iterator<Item = Chunk> + '_ {
+        self.spans.iter().flat_map(|s| s.chunks().iter().copied())
+    }
+
+    /// A second view of the same tokens (a fork): the chunk lists are shared, reference
+    /// counts bumped.
     pub fn share(&self, pool: &mut BlockPool) -> KvView {
         for b in self.block_occurrences() {
             pool.retain(b);
@@ -93,33 +196,35 @@ impl KvView {
         }
         self.spans.clear();
         self.len = 0;
+        self.shape += 1;
     }
 
     /// A new view over tokens `start..` of this one (a child's own part at a join),
     /// holding its own references.
     pub fn suffix(&self, start: usize, pool: &mut BlockPool) -> KvView {
-        let bs = pool.block_size();
         let mut out = KvView::new();
         let mut seen = 0usize;
         for span in &self.spans {
-            let (lo, hi) = (seen, seen + span.len);
-            seen = hi;
-            if hi <= start {
-                continue;
+            let mut own = Vec::new();
+            for &c in span.chunks() {
+                let (lo, hi) = (seen, seen + c.len as usize);
+                seen = hi;
+                if hi <= start {
+                    continue;
+                }
+                let skip = start.saturating_sub(lo) as u32;
+                pool.retain(c.block);
+                own.push(Chunk {
+                    block: c.block,
+                    start: c.start + skip,
+                    len: c.len - skip,
+                });
             }
-            let skip = start.saturating_sub(lo);
-            let first_slot = span.offset + skip;
-            let last_slot = span.offset + span.len - 1;
-            let blocks = span.blocks[first_slot / bs..=last_slot / bs].to_vec();
-            for &b in &blocks {
-                pool.retain(b);
+            if !own.is_empty() {
+                let s = Span::from_chunks(own);
+                out.len += s.len;
+                out.spans.push(s);
             }
-            out.len += span.len - skip;
-            out.spans.push(Span {
-                blocks,
-                offset: first_slot % bs,
-                len: span.len - skip,
-            });
         }
         out
     }
@@ -130,27 +235,46 @@ impl KvView {
         if len >= self.len {
             return;
         }
-        let bs = pool.block_size();
+        self.shape += 1;
         let mut seen = 0usize;
-        let mut kept = Vec::new();
-        for mut span in std::mem::take(&mut self.spans) {
-            let keep = len.saturating_sub(seen).min(span.len);
-            seen += span.len;
-            let used_blocks = if keep == 0 {
-                0
-            } else {
-                (span.offset + keep - 1) / bs + 1
-            };
-            for &b in &span.blocks[used_blocks..] {
-                pool.release(b);
+        let mut keep_spans = 0usize;
+        for span in &mut self.spans {
+            if seen >= len {
+                for b in span.blocks() {
+                    pool.release(b);
+                }
+                continue;
             }
-            if keep > 0 {
-                span.blocks.truncate(used_blocks);
-                span.len = keep;
-                kept.push(span);
+            keep_spans += 1;
+            if seen + span.len <= len {
+                seen += span.len;
+                continue;
             }
+            // The cut falls inside this span.
+            let keep = len - seen;
+            let mut tokens = 0usize;
+            let mut chunks = 0usize;
+            let mut last_len = 0u32;
+            for c in span.chunks() {
+                if tokens >= keep {
+                    pool.release(c.block);
+                    continue;
+                }
+                chunks += 1;
+                last_len = (keep - tokens).min(c.len as usize) as u32;
+                tokens += c.len as usize;
+            }
+            let cut_mid_chunk = span.chunks()[chunks - 1].len != last_len;
+            span.used = chunks;
+            span.len = keep;
+            if cut_mid_chunk {
+                if let Some(c) = span.chunks_mut().last_mut() {
+                    c.len = last_len;
+                }
+            }
+            seen = len;
         }
-        self.spans = kept;
+        self.spans.truncate(keep_spans);
         self.len = len;
     }
 
@@ -158,6 +282,7 @@ impl KvView {
     pub fn extend(&mut self, other: KvView) {
         self.len += other.len;
         self.spans.extend(other.spans);
+        self.shape += 1;
     }
 
     /// Free blocks an append of `n` tokens needs under `tail` (a copy-on-write copy included).
@@ -166,11 +291,11 @@ impl KvView {
             return 0;
         }
         let bs = pool.block_size();
-        let Some(span) = self.spans.last() else {
+        let Some(last) = self.last_chunk() else {
             return n.div_ceil(bs);
         };
-        let used = (span.offset + span.len) % bs;
-        let shared = span.blocks.last().is_some_and(|&b| pool.refcount(b) > 1);
+        let used = (last.start + last.len) as usize % bs;
+        let shared = pool.refcount(last.block) > 1;
         match (used, shared, tail) {
             (0, _, _) | (_, true, SharedTail::NewSpan) => n.div_ceil(bs),
             (used, shared, _) => usize::from(shared) + n.saturating_sub(bs - used).div_ceil(bs),
@@ -188,76 +313,114 @@ impl KvView {
         copies: &mut Vec<BlockCopy>,
         tail: SharedTail,
     ) -> Option<Vec<u32>> {
+        let mut slots = Vec::with_capacity(n);
+        self.append_into(n, pool, copies, tail, &mut slots)
+            .then_some(slots)
+    }
+
+    /// [`KvView::append`] writing the slots at the end of `slots` (no allocation of its
+    /// own when the tail has room). Returns false, changing nothing, when the pool is short.
+    pub fn append_into(
+        &mut self,
+        n: usize,
+        pool: &mut BlockPool,
+        copies: &mut Vec<BlockCopy>,
+        tail: SharedTail,
+        slots: &mut Vec<u32>,
+    ) -> bool {
         if self.blocks_needed(n, pool, tail) > pool.num_free() {
-            return None;
+            return false;
         }
         if n == 0 {
-            return Some(Vec::new());
+            return true;
         }
         let bs = pool.block_size();
-        let new_span = match self.spans.last() {
-            None => true,
-            Some(span) => {
-                let shared = span.blocks.last().is_some_and(|&b| pool.refcount(b) > 1);
-                shared && (span.offset + span.len) % bs != 0 && tail == SharedTail::NewSpan
-            }
-        };
-        if new_span {
-            self.spans.push(Span {
-                blocks: Vec::new(),
-                offset: 0,
-                len: 0,
-            });
-        }
-        let mut slots = Vec::with_capacity(n);
-        let span = self.spans.last_mut()?;
-        for _ in 0..n {
-            let end = span.offset + span.len;
-            if end % bs == 0 || span.blocks.is_empty() {
-                span.blocks.push(pool.allocate()?);
-            } else if let Some(last) = span.blocks.last_mut() {
-                if pool.refcount(*last) > 1 {
-                    let copy = pool.allocate()?;
+        // Can the tokens go on in the tail span's own chunk list?
+        let mut in_place = false;
+        if let Some(span) = self.spans.last_mut() {
+            let last = span.chunks()[span.used - 1];
+            let room = (last.start + last.len) < bs as u32;
+            if room && pool.refcount(last.block) > 1 {
+                if tail == SharedTail::CopyOnWrite {
+                    // Stop using the shared chunk; continue in a copy of its block.
+                    let Some(copy) = pool.allocate() else {
+                        return false;
+                    };
                     copies.push(BlockCopy {
-                        src: *last,
+                        src: last.block,
                         dst: copy,
                     });
-                    pool.release(*last);
-                    *last = copy;
+                    pool.release(last.block);
+                    self.shape += 1;
+                    span.used -= 1;
+                    span.len -= last.len as usize;
+                    if span.used == 0 {
+                        self.spans.pop();
+                    }
+                    self.spans.push(Span::new(Chunk {
+                        block: copy,
+                        ..last
+                    }));
+                    in_place = true;
+                }
+            } else {
+                // Another view holding this chunk list would see the change: start a new span.
+                in_place = Arc::strong_count(&span.chunks) == 1;
+            }
+        }
+        if !in_place {
+            self.shape += 1;
+        }
+        for i in 0..n {
+            let room = self
+                .last_chunk()
+                .filter(|_| in_place || i > 0)
+                .is_some_and(|c| c.start + c.len < bs as u32);
+            if room {
+                let Some(span) = self.spans.last_mut() else {
+                    return false;
+                };
+                span.len += 1;
+                let Some(c) = span.chunks_mut().last_mut() else {
+                    return false;
+                };
+                slots.push(c.block * bs as u32 + c.start + c.len);
+                c.len += 1;
+            } else {
+                let Some(block) = pool.allocate() else {
+                    return false;
+                };
+                let chunk = Chunk {
+                    block,
+                    start: 0,
+                    len: 1,
+                };
+                slots.push(block * bs as u32);
+                match self.spans.last_mut() {
+                    Some(span) if in_place || i > 0 => {
+                        span.chunks_mut().push(chunk);
+                        span.used += 1;
+                        span.len += 1;
+                    }
+                    _ => self.spans.push(Span::new(chunk)),
                 }
             }
-            let block = *span.blocks.last()?;
-            slots.push(block * bs as u32 + (end % bs) as u32);
-            span.len += 1;
         }
         self.len += n;
-        Some(slots)
+        true
     }
 
     /// The view cut into per-block chunks, in context order.
     pub fn chunks(&self, block_size: usize) -> Vec<Chunk> {
-        let mut out = Vec::new();
-        for span in &self.spans {
-            let mut slot = span.offset;
-            let end = span.offset + span.len;
-            while slot < end {
-                let in_block = slot % block_size;
-                let take = (block_size - in_block).min(end - slot);
-                out.push(Chunk {
-                    block: span.blocks[slot / block_size],
-                    start: in_block as u32,
-                    len: take as u32,
-                });
-                slot += take;
-            }
-        }
-        out
+        debug_assert!(self
+            .chunk_iter()
+            .all(|c| (c.start + c.len) as usize <= block_size));
+        self.chunk_iter().collect()
     }
 
     /// Cache slot of every token, in context order.
     pub fn slots(&self, block_size: usize) -> Vec<u32> {
-        self.chunks(block_size)
-            .iter()
+        self.chunk_iter()
             .flat_map(|c| (c.start..c.start + c.len).map(move |s| c.block * block_size as u32 + s))
             .collect()
     }
@@ -277,8 +440,11 @@ mod tests {
         // Tokens 5..6 of the parent: a span starting at offset 1 of its shared second block,
         // ending at slot 2 of it.
         let mut tail = parent.suffix(5, &mut pool);
-        assert_eq!((tail.spans()[0].offset, tail.len()), (1, 1));
-        let (b0, b1) = (parent.spans()[0].blocks[0], parent.spans()[0].blocks[1]);
+        assert_eq!((tail.spans()[0].offset(), tail.len()), (1, 1));
+        let (b0, b1) = (
+            parent.spans()[0].chunks()[0].block,
+            parent.spans()[0].chunks()[1].block,
+        );
         let slot = |b: u32, s: u32| b * 4 + s;
         assert_eq!(
             parent.slots(4),
@@ -315,13 +481,13 @@ mod tests {
         assert_eq!(pool.num_used(), 2, "a fork allocates nothing");
         let slots = child.append(1, &mut pool, &mut copies, cow).expect("room");
         assert_eq!(copies.len(), 1, "one copy of the partial tail");
-        assert_eq!(copies[0].src, parent.spans()[0].blocks[1]);
+        assert_eq!(copies[0].src, parent.spans()[0].chunks()[1].block);
         assert_eq!(slots[0] / 4, copies[0].dst);
         assert_eq!(slots[0] % 4, 2);
         // The child's own part starts mid-block in the copy.
         let own = child.suffix(6, &mut pool);
         assert_eq!(own.len(), 1);
-        assert_eq!(own.spans()[0].offset, 2);
+        assert_eq!(own.spans()[0].offset(), 2);
         let mut own = own;
         own.release(&mut pool);
         child.release(&mut pool);
@@ -345,7 +511,7 @@ mod tests {
         assert_eq!(child.spans().len(), 2);
         assert_eq!(child.chunks(4)[..2], parent.chunks(4)[..]);
         let mut own = child.suffix(6, &mut pool);
-        assert_eq!(own.spans()[0].offset, 0);
+        assert_eq!(own.spans()[0].offset(), 0);
         own.release(&mut pool);
         child.truncate(6, &mut pool);
         assert_eq!(child, parent);

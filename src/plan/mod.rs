@@ -1,12 +1,19 @@
 //! The per-step attention plan: which query rows meet which KV chunks, and in what order
 //! their partial results merge.
 //!
-//! Built once per step on the host from the threads' views. In forked mode the views are
+//! The engine's [`Planner`] builds it from the threads' views and keeps it across steps
+//! (`incremental.rs`); [`AttentionPlan::build`] here builds the same plan from plain chunk
+//! lists, for tests, benchmarks and as the reference the planner is checked against. In
+//! forked mode the views are
 //! laid into a trie over their per-block chunks, so a prefix shared by many threads becomes
 //! one work item read once for all of their query rows (FlashInfer cascade / DeFT style);
 //! in naive mode every thread gets its own item (vLLM style). Long items are split along
 //! the sequence. Every row's partials are merged with log-sum-exp in view order. The CPU
 //! backend executes this exact structure; the CUDA kernels take the same arrays.
+
+pub mod incremental;
+
+pub use incremental::{PlanInput, Planner, ViewSource};
 
 use crate::kv::Chunk;
 
