@@ -552,7 +552,6 @@ impl<B: Backend> Engine<B> {
         buf.outputs.clear();
         buf.preempted.clear();
         buf.waiting.clear();
-        buf.logits.clear();
         let input = &mut buf.input;
         input.tokens.clear();
         input.positions.clear();
@@ -702,6 +701,16 @@ impl<B: Backend> Engine<B> {
         Ok(self.output(rows))
     }
 
+    /// The last step's attention plan (what the backend ran).
+    pub fn last_plan(&self) -> &crate::plan::AttentionPlan {
+        &self.buf.input.plan
+    }
+
+    /// (full plan builds, in-place plan updates) so far.
+    pub fn plan_counts(&self) -> (u64, u64) {
+        self.planner.counts()
+    }
+
     /// The last step's output again, borrowing the engine immutably (so the engine can be
     /// read while it is held).
     pub fn last_output(&self) -> StepOutput<'_> {
@@ -714,7 +723,13 @@ impl<B: Backend> Engine<B> {
             rows,
             preempted: &self.buf.preempted,
             waiting: &self.buf.waiting,
-            logits: &self.buf.logits,
+            // The backend overwrites the buffer's rows each step and leaves its length alone
+            // when it need not change.
+            logits: self
+                .buf
+                .logits
+                .get(..self.buf.input.logit_rows.len() * self.backend.config().vocab_size)
+                .unwrap_or_default(),
             vocab: self.backend.config().vocab_size,
         }
     }

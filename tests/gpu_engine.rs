@@ -274,10 +274,10 @@ impl Pair {
         let b = gpu.step().expect("cuda step");
         assert_eq!(a.rows, b.rows, "same batch");
         assert_eq!(a.threads.len(), b.threads.len());
-        for (x, y) in a.threads.iter().zip(&b.threads) {
+        for (x, y) in a.threads.iter().zip(b.threads) {
             assert_eq!(x.thread, y.thread);
-            assert_eq!(x.logits.len(), y.logits.len());
-            for (lx, ly) in x.logits.iter().zip(&y.logits) {
+            assert_eq!(x.logit_rows, y.logit_rows);
+            for (lx, ly) in a.logits_of(x).zip(b.logits_of(y)) {
                 self.agree.add_row(ly, lx);
             }
         }

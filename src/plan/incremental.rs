@@ -578,6 +578,8 @@ impl Planner {
         };
         let headroom = threads.len() * per_tail;
         p.chunks.reserve(headroom);
+        self.inserts.clear();
+        self.inserts.reserve(threads.len());
     }
 }
 

@@ -1,0 +1,104 @@
+//! A steady decode step allocates nothing: 64 threads over a shared 512-token prompt, one
+//! token each per step, counted by a counting global allocator after a warm-up. The
+//! backend does no arithmetic, so what is counted is spindle's own work per step (feed,
+//! schedule, plan, batch, outputs).
+
+use model_loader::Checkpoint;
+use spindle::backend::null::NullBackend;
+use spindle::{AttentionMode, Engine, EngineConfig};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+mod common;
+
+/// Counts allocations (and reallocations) while `COUNTING` is set.
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: defers every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn a_steady_decode_step_allocates_nothing() {
+    const W: usize = 64;
+    const P: usize = 512;
+    let ck = Checkpoint::open(&common::fixture("tiny-llama")).expect("fixture");
+    let vocab = ck.config().vocab_size as u32;
+    let backend = NullBackend::new(ck.config().clone(), 16, P / 16 + W * 32);
+    let mut e = Engine::new(
+        backend,
+        EngineConfig {
+            mode: AttentionMode::Forked,
+            ..EngineConfig::default()
+        },
+    );
+    let prompt: Vec<u32> = (0..P as u32).map(|i| i % vocab).collect();
+    let root = e.add_request(&prompt).expect("request");
+    while e.has_work() {
+        e.step().expect("prefill");
+    }
+    let kids = e.fork(root, W, true).expect("fork");
+    let mut token = [0u32; 1];
+    let feed_all = |e: &mut Engine<NullBackend>, token: &mut [u32; 1]| {
+        for &k in &kids {
+            token[0] = (token[0] + 7) % vocab;
+            e.feed(k, &token[..]).expect("feed");
+        }
+    };
+    // Warm-up: the fork's first steps build the plan and size every buffer.
+    for _ in 0..16 {
+        feed_all(&mut e, &mut token);
+        let out = e.step().expect("step");
+        assert_eq!(out.rows, W);
+    }
+    let (builds0, _) = e.plan_counts();
+    // 200 steps: every thread's tail crosses 12 block boundaries.
+    const STEPS: u64 = 200;
+    COUNTING.store(true, Ordering::SeqCst);
+    let mut rows = 0usize;
+    for _ in 0..STEPS {
+        feed_all(&mut e, &mut token);
+        let out = e.step().expect("step");
+        rows += out.rows + out.logits.len() / vocab as usize;
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    let allocs = ALLOCS.load(Ordering::SeqCst);
+    let (builds1, _) = e.plan_counts();
+    eprintln!(
+        "{allocs} allocations in {STEPS} steady decode steps at W = {W}, P = {P} \
+         ({} plan rebuilds)",
+        builds1 - builds0
+    );
+    assert_eq!(rows, 2 * W * STEPS as usize, "every thread ran every step");
+    assert_eq!(allocs, 0, "allocations per steady decode step must be zero");
+    assert_eq!(
+        builds1, builds0,
+        "a steady decode step updates the plan in place"
+    );
+}
