@@ -5,7 +5,7 @@
 //! decide what to feed, when to fork and how to join.
 
 use crate::backend::{Backend, StepInput};
-use crate::error::{Result, SpindleError};
+use crate::error::{Operation, Result, SpindleError};
 use crate::kv::{BlockPool, KvView, SharedTail};
 use crate::model;
 use crate::plan::{AttentionMode, PlanInput, Planner, ViewSource};
@@ -25,6 +25,13 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// What an append into a shared, partly filled block does.
     pub shared_tail: SharedTail,
+    /// Most children one fork may create.
+    pub max_fork_width: usize,
+    /// Deepest nesting of forks (a root is depth 0).
+    pub max_fork_depth: usize,
+    /// Check the engine's invariants after every call that changes it and panic on a
+    /// violation (a bug detector for tests; see [`Engine::check_invariants`]).
+    pub check_invariants: bool,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +42,9 @@ impl Default for EngineConfig {
             max_step_tokens: 4096,
             prefill_chunk: 512,
             shared_tail: SharedTail::NewSpan,
+            max_fork_width: 1024,
+            max_fork_depth: 64,
+            check_invariants: false,
         }
     }
 }
@@ -192,16 +202,19 @@ impl<B: Backend> Engine<B> {
     }
 
     /// A thread by id.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`] for an id the engine never gave out.
     pub fn thread(&self, id: ThreadId) -> Result<&Thread> {
         self.threads
             .get(id)
-            .ok_or_else(|| SpindleError::InvalidRequest(format!("no thread {id}")))
+            .ok_or(SpindleError::UnknownThread { thread: id })
     }
 
     fn thread_mut(&mut self, id: ThreadId) -> Result<&mut Thread> {
         self.threads
             .get_mut(id)
-            .ok_or_else(|| SpindleError::InvalidRequest(format!("no thread {id}")))
+            .ok_or(SpindleError::UnknownThread { thread: id })
     }
 
     /// All threads ever created (retired ones included).
@@ -232,11 +245,10 @@ impl<B: Backend> Engine<B> {
     ) -> Result<ThreadId> {
         self.check_tokens(prompt)?;
         if positions.len() != prompt.len() {
-            return Err(SpindleError::InvalidRequest(format!(
-                "{} prompt tokens but {} positions",
-                prompt.len(),
-                positions.len()
-            )));
+            return Err(SpindleError::PositionsMismatch {
+                tokens: prompt.len(),
+                positions: positions.len(),
+            });
         }
         let id = self.threads.len();
         let mut t = Thread {
@@ -268,14 +280,16 @@ impl<B: Backend> Engine<B> {
             });
         }
         if let Some(&p) = positions.iter().find(|&&p| p >= MAX_POSITION) {
-            return Err(SpindleError::InvalidRequest(format!(
-                "position {p} is past the largest supported position {}",
-                MAX_POSITION - 1
-            )));
+            return Err(SpindleError::PositionOverflow {
+                next: p as u64,
+                tokens: 1,
+                max: MAX_POSITION - 1,
+            });
         }
         t.next_pos = positions.iter().max().map_or(0, |p| p + 1);
         self.threads.push(t);
         self.live.insert(id);
+        self.after_change();
         Ok(id)
     }
 
@@ -291,13 +305,11 @@ impl<B: Backend> Engine<B> {
         self.check_tokens(tokens)?;
         let t = self.thread_mut(id)?;
         if t.state != ThreadState::Active {
-            return Err(SpindleError::InvalidRequest(format!(
-                "feed to thread {id} in state {:?}",
-                t.state
-            )));
+            return Err(wrong_state(t, Operation::Feed, "an active thread"));
         }
         check_positions(t.next_pos, tokens.len())?;
         t.feed(tokens);
+        self.after_change();
         Ok(())
     }
 
@@ -319,14 +331,28 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Vec<ThreadId>> {
         let parent = self.thread(id)?;
         if parent.state != ThreadState::Active || !parent.pending.is_empty() {
-            return Err(SpindleError::InvalidRequest(format!(
-                "fork of thread {id}: it must be active with no queued tokens"
-            )));
+            return Err(wrong_state(
+                parent,
+                Operation::Fork,
+                "an active thread with no queued tokens",
+            ));
         }
         if n == 0 {
-            return Err(SpindleError::InvalidRequest(format!(
-                "fork of thread {id} with no children"
-            )));
+            return Err(SpindleError::EmptyFork { thread: id });
+        }
+        if n > self.cfg.max_fork_width {
+            return Err(SpindleError::ForkTooWide {
+                thread: id,
+                requested: n,
+                max: self.cfg.max_fork_width,
+            });
+        }
+        if parent.depth() >= self.cfg.max_fork_depth {
+            return Err(SpindleError::ForkTooDeep {
+                thread: id,
+                depth: parent.depth() + 1,
+                max: self.cfg.max_fork_depth,
+            });
         }
         let parent = parent.clone();
         let mut ids = Vec::with_capacity(n);
@@ -371,6 +397,7 @@ impl<B: Backend> Engine<B> {
         let p = self.thread_mut(id)?;
         p.state = ThreadState::Waiting;
         p.children = ids.clone();
+        self.after_change();
         Ok(ids)
     }
 
@@ -380,9 +407,11 @@ impl<B: Backend> Engine<B> {
         self.thread(id)?;
         let t = &mut self.threads[id];
         if t.state != ThreadState::Active || !t.pending.is_empty() {
-            return Err(SpindleError::InvalidRequest(format!(
-                "finish of thread {id}: it must be active with no queued tokens"
-            )));
+            return Err(wrong_state(
+                t,
+                Operation::Finish,
+                "an active thread with no queued tokens",
+            ));
         }
         t.state = ThreadState::Finished;
         if t.release_on_finish {
@@ -391,6 +420,7 @@ impl<B: Backend> Engine<B> {
         if t.parent.is_none() {
             self.retire(id);
         }
+        self.after_change();
         Ok(())
     }
 
@@ -405,16 +435,13 @@ impl<B: Backend> Engine<B> {
     /// transcript and returns are kept), so memory frees before its siblings end. A reuse
     /// join of a released child merges nothing.
     pub fn release_cache(&mut self, id: ThreadId) -> Result<()> {
-        let t = self
-            .threads
-            .get_mut(id)
-            .ok_or_else(|| SpindleError::InvalidRequest(format!("no thread {id}")))?;
+        self.thread(id)?;
+        let t = &mut self.threads[id];
         if t.state != ThreadState::Finished || t.parent.is_none() {
-            return Err(SpindleError::InvalidRequest(format!(
-                "release_cache of thread {id}: it must be a finished child"
-            )));
+            return Err(wrong_state(t, Operation::ReleaseCache, "a finished child"));
         }
         t.view.release(&mut self.pool);
+        self.after_change();
         Ok(())
     }
 
@@ -433,9 +460,11 @@ impl<B: Backend> Engine<B> {
     pub fn join(&mut self, id: ThreadId, kind: JoinKind) -> Result<usize> {
         let parent = self.thread(id)?;
         if parent.state != ThreadState::Waiting || !self.children_done(id) {
-            return Err(SpindleError::InvalidRequest(format!(
-                "join of thread {id}: it must be waiting on finished children"
-            )));
+            return Err(wrong_state(
+                parent,
+                Operation::Join,
+                "a thread waiting on finished children",
+            ));
         }
         let children = parent.children.clone();
         let p = parent.next_pos;
@@ -444,9 +473,10 @@ impl<B: Backend> Engine<B> {
                 let t = &self.threads[c];
                 t.view.len() < t.ctx_tokens.len()
             }) {
-                return Err(SpindleError::InvalidRequest(format!(
-                    "reuse join of thread {id}: child {c} gave its cache back (forked for a re-prefill join)"
-                )));
+                return Err(SpindleError::CacheReleased {
+                    thread: id,
+                    child: c,
+                });
             }
         }
         let mut queued = Vec::new();
@@ -489,6 +519,7 @@ impl<B: Backend> Engine<B> {
         }
         check_positions(parent.next_pos, queued.len())?;
         parent.feed(&queued);
+        self.after_change();
         Ok(queued.len())
     }
 
@@ -511,24 +542,49 @@ impl<B: Backend> Engine<B> {
     pub fn forget(&mut self, id: ThreadId) -> Result<()> {
         let t = self.thread_mut(id)?;
         if t.state != ThreadState::Retired {
-            return Err(SpindleError::InvalidRequest(format!(
-                "forget of thread {id}: only a retired thread can be forgotten"
-            )));
+            return Err(wrong_state(t, Operation::Forget, "a retired thread"));
         }
         t.ctx_tokens = Vec::new();
         t.ctx_pos = Vec::new();
         t.returns = None;
+        self.after_change();
         Ok(())
     }
 
-    /// Cancels a request: releases every thread of it.
-    pub fn cancel(&mut self, request: ThreadId) -> Result<()> {
-        if self.thread(request)?.parent.is_some() {
-            return Err(SpindleError::InvalidRequest(format!(
-                "cancel of thread {request}: only a request's root thread can be cancelled"
-            )));
+    /// Cancels a request: every thread of it retires and its blocks return to the pool at
+    /// once, whatever it was doing (prefilling, decoding, waiting on children, preempted).
+    /// Cancelling a request that already ended does nothing.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownRequest`] when `request` is not a request's id (its root
+    /// thread's).
+    pub fn cancel(&mut self, request: usize) -> Result<()> {
+        match self.threads.get(request) {
+            Some(t) if t.parent.is_none() => {}
+            _ => return Err(SpindleError::UnknownRequest { request }),
         }
         self.retire(request);
+        self.after_change();
+        Ok(())
+    }
+
+    /// Cancels one thread and its whole subtree; a root cancels its request. A cancelled
+    /// child leaves its parent's children, so the parent joins the others as if it had
+    /// never been forked (with none left, the join merges nothing). Its blocks return to
+    /// the pool at once. Cancelling a retired thread does nothing.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`] for an id the engine never gave out.
+    pub fn cancel_thread(&mut self, id: ThreadId) -> Result<()> {
+        let t = self.thread(id)?;
+        if t.state == ThreadState::Retired {
+            return Ok(());
+        }
+        if let Some(p) = t.parent {
+            self.threads[p].children.retain(|&c| c != id);
+        }
+        self.retire(id);
+        self.after_change();
         Ok(())
     }
 
@@ -659,13 +715,13 @@ impl<B: Backend> Engine<B> {
                 logit_rows: input.logit_rows.len() - first_logit,
             });
         }
-        if cfg!(debug_assertions) {
+        if cfg!(debug_assertions) || self.cfg.check_invariants {
             for &slot in &input.slots {
                 let block = slot / bs as u32;
-                debug_assert_eq!(
+                assert_eq!(
                     self.pool.refcount(block),
                     1,
-                    "block {block} written while shared"
+                    "engine invariant violated: block {block} written while shared"
                 );
             }
         }
@@ -697,6 +753,7 @@ impl<B: Backend> Engine<B> {
         self.stats.blocks_without_sharing = self.stats.blocks_without_sharing.max(private);
 
         model::forward(&mut self.backend, &self.buf.input, &mut self.buf.logits)?;
+        self.after_change();
         let rows = self.buf.input.tokens.len();
         Ok(self.output(rows))
     }
@@ -734,6 +791,93 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// With [`EngineConfig::check_invariants`], checks them and panics on a violation (an
+    /// engine bug, never a user's mistake).
+    fn after_change(&self) {
+        if self.cfg.check_invariants {
+            if let Err(e) = self.check_invariants() {
+                panic!("engine invariant violated: {e}");
+            }
+        }
+    }
+
+    /// Checks the engine's invariants: reference counts equal the views that hold each
+    /// block; every chunk lies inside its block and a view's length is the sum of its
+    /// chunks; retired threads hold nothing; the thread tree is consistent (a child's
+    /// parent lists it and waits, a parent with children waits, requests match); with no
+    /// live thread, every block is free. (No write into a shared block is checked at each
+    /// step.)
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.check_refcounts()?;
+        let bs = self.pool.block_size() as u32;
+        for t in &self.threads {
+            let id = t.id;
+            if t.state == ThreadState::Retired {
+                if !t.view.is_empty() || !t.pending.is_empty() || self.live.contains(&id) {
+                    return Err(format!("retired thread {id} still holds blocks or work"));
+                }
+                continue;
+            }
+            if !self.live.contains(&id) {
+                return Err(format!("thread {id} is {:?} but not live", t.state));
+            }
+            let mut len = 0usize;
+            for c in t.view.chunk_iter() {
+                if c.len == 0 || c.start + c.len > bs {
+                    return Err(format!("thread {id}: chunk {c:?} outside its block"));
+                }
+                len += c.len as usize;
+            }
+            if len != t.view.len() || t.view.len() > t.ctx_tokens.len() {
+                return Err(format!(
+                    "thread {id}: view of {} tokens, chunks hold {len}, context {}",
+                    t.view.len(),
+                    t.ctx_tokens.len()
+                ));
+            }
+            if t.ctx_tokens.len() != t.ctx_pos.len() || t.pinned_len > t.ctx_tokens.len() {
+                return Err(format!(
+                    "thread {id}: context tokens, positions and pin disagree"
+                ));
+            }
+            match t.parent {
+                None if t.request != id => {
+                    return Err(format!("root {id} names request {}", t.request))
+                }
+                None => {}
+                Some(p) => {
+                    let parent = &self.threads[p];
+                    if parent.state != ThreadState::Waiting
+                        || !parent.children.contains(&id)
+                        || parent.request != t.request
+                    {
+                        return Err(format!(
+                            "child {id}: parent {p} is {:?} and does not list it",
+                            parent.state
+                        ));
+                    }
+                }
+            }
+            if !t.children.is_empty() && t.state != ThreadState::Waiting {
+                return Err(format!("thread {id} has children but is {:?}", t.state));
+            }
+            if let Some(&c) = t
+                .children
+                .iter()
+                .find(|&&c| self.threads[c].parent != Some(id))
+            {
+                return Err(format!("thread {id} lists child {c}, whose parent differs"));
+            }
+        }
+        if self.live.is_empty() && !self.pool.all_free() {
+            return Err(format!(
+                "no live thread but {} blocks in use",
+                self.pool.num_used()
+            ));
+        }
+        Ok(())
+    }
+
     /// Recounts every block reference from the live views and compares with the pool
     /// (a consistency check for tests).
     pub fn check_refcounts(&self) -> std::result::Result<(), String> {
@@ -758,12 +902,24 @@ impl<B: Backend> Engine<B> {
 /// Checks that `n` tokens fed from position `next` stay within [`MAX_POSITION`].
 fn check_positions(next: u32, n: usize) -> Result<()> {
     if next as usize + n > MAX_POSITION as usize {
-        return Err(SpindleError::InvalidRequest(format!(
-            "{n} tokens from position {next} would pass the largest supported position {}",
-            MAX_POSITION - 1
-        )));
+        return Err(SpindleError::PositionOverflow {
+            next: next as u64,
+            tokens: n,
+            max: MAX_POSITION - 1,
+        });
     }
     Ok(())
+}
+
+/// The error for `op` on `t` in a state it does not accept.
+fn wrong_state(t: &Thread, op: Operation, needs: &'static str) -> SpindleError {
+    SpindleError::WrongState {
+        thread: t.id,
+        op,
+        state: t.state,
+        queued: t.pending.len(),
+        needs,
+    }
 }
 
 /// Preemption by recompute: drops the thread's own cached tokens past its pinned length and

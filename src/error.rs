@@ -1,6 +1,36 @@
 //! spindle's error type: every failure a caller can act on, named precisely.
 
+use crate::tree::{ThreadId, ThreadState};
 use std::path::PathBuf;
+
+/// An engine operation, as named in [`SpindleError::WrongState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Feed,
+    Fork,
+    Finish,
+    Join,
+    ReleaseCache,
+    Forget,
+    Cancel,
+    SetReturns,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Operation::Feed => "feed",
+            Operation::Fork => "fork",
+            Operation::Finish => "finish",
+            Operation::Join => "join",
+            Operation::ReleaseCache => "release_cache",
+            Operation::Forget => "forget",
+            Operation::Cancel => "cancel",
+            Operation::SetReturns => "set_returns",
+        };
+        f.write_str(name)
+    }
+}
 
 /// Errors returned by the spindle library. User input never panics; it lands here.
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +51,80 @@ pub enum SpindleError {
     /// A token id is outside the model's vocabulary.
     #[error("token id {token} is outside the vocabulary (size {vocab})")]
     TokenOutOfVocab { token: u32, vocab: usize },
-    /// A request or engine call is invalid (unknown thread, join before the children end, ...).
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
-    /// The KV pool cannot hold even one step of the work that remains.
+    /// No thread has this id.
+    #[error("no thread {thread}")]
+    UnknownThread { thread: ThreadId },
+    /// No request has this id (a request is named by its root thread's id).
+    #[error("no request {request}")]
+    UnknownRequest { request: usize },
+    /// The thread is not in a state the operation accepts.
+    #[error("{op} of thread {thread}: it is {state:?}{}, but the operation needs {needs}", if *.queued > 0 { format!(" with {} queued tokens", .queued) } else { String::new() })]
+    WrongState {
+        thread: ThreadId,
+        op: Operation,
+        state: ThreadState,
+        /// Tokens it still had queued.
+        queued: usize,
+        /// What the operation needs, in words.
+        needs: &'static str,
+    },
+    /// A fork asked for no children.
+    #[error("fork of thread {thread} with no children")]
+    EmptyFork { thread: ThreadId },
+    /// A fork asked for more children than the engine allows.
+    #[error("fork of thread {thread}: {requested} children, at most {max}")]
+    ForkTooWide {
+        thread: ThreadId,
+        requested: usize,
+        max: usize,
+    },
+    /// A fork would nest deeper than the engine allows.
+    #[error("fork of thread {thread} at depth {depth}: at most {max} levels")]
+    ForkTooDeep {
+        thread: ThreadId,
+        depth: usize,
+        max: usize,
+    },
+    /// Tokens would take positions past the largest one supported.
+    #[error(
+        "{tokens} tokens from position {next} would pass the largest supported position {max}"
+    )]
+    PositionOverflow { next: u64, tokens: usize, max: u32 },
+    /// A prompt and its explicit positions differ in length.
+    #[error("{tokens} prompt tokens but {positions} positions")]
+    PositionsMismatch { tokens: usize, positions: usize },
+    /// A request needs at least one prompt token.
+    #[error("a request needs at least one prompt token")]
+    EmptyPrompt,
+    /// A KV-reuse join found a child whose cache was given back.
+    #[error("reuse join of thread {thread}: child {child} gave its cache back (forked for a re-prefill join)")]
+    CacheReleased { thread: ThreadId, child: ThreadId },
+    /// The request was cancelled through the API.
+    #[error("request {request} was cancelled")]
+    Cancelled { request: usize },
+    /// A setting or command-line value is invalid (names it).
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+    /// A replay or script input does not describe a valid run (names the problem).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The K/V cache asked for does not fit in memory.
+    #[error("a K/V cache of {slots} slots does not fit in memory")]
+    CacheTooLarge { slots: usize },
+    /// An allocation failed (names what, and its size).
+    #[error("out of memory: cannot allocate {what} ({mib} MiB)")]
+    OutOfMemory { what: &'static str, mib: usize },
+    /// A command-line run finished, but some of its requests failed (reported above it).
+    #[error("{0}")]
+    RunFailed(String),
+    /// JSON could not be written or read.
+    #[error("{what}: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The KV pool cannot be sized for the model on this device (names why).
     #[error("KV cache too small: {0}")]
     OutOfBlocks(String),
     /// Even after preempting every other thread, this thread's next tokens do not fit.

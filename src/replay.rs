@@ -70,50 +70,108 @@ pub fn blocks_for(tree: &TreeNode, block_size: usize) -> usize {
 
 /// Replays `tree` on `engine` and returns the logits at every token, shaped like the tree.
 pub fn replay_tree<B: Backend>(engine: &mut Engine<B>, tree: &TreeNode) -> Result<NodeLogits> {
-    let mut out = NodeLogits::skeleton(tree);
-    let root = engine.add_request(&tree.tokens)?;
-    engine.set_all_logits(root, true)?;
-    let mut cursors: BTreeMap<ThreadId, Cursor> = BTreeMap::new();
-    cursors.insert(
-        root,
-        Cursor {
-            path: Vec::new(),
-            phase: Phase::Own,
-            decode: VecDeque::new(),
-            expect: tree.tokens.len(),
-        },
-    );
-    let broken = |what: &str| SpindleError::InvalidRequest(format!("replay: {what}"));
+    let mut r = Replay::start(engine, tree)?;
     loop {
-        advance(engine, tree, &mut cursors)?;
-        if cursors.is_empty() {
+        r.prepare(engine)?;
+        if r.is_done() {
             break;
         }
-        for (&id, c) in cursors.iter_mut() {
+        if !engine.has_work() {
+            return Err(broken("no thread can make progress"));
+        }
+        engine.step()?;
+        r.collect(engine)?;
+    }
+    Ok(r.into_logits())
+}
+
+fn broken(what: &str) -> SpindleError {
+    SpindleError::InvalidInput(format!("replay: {what}"))
+}
+
+/// One tree being replayed. Several can share an engine (each is one request): call
+/// [`Replay::prepare`] on each before a step and [`Replay::collect`] on each after it.
+#[derive(Debug)]
+pub struct Replay<'t> {
+    tree: &'t TreeNode,
+    root: ThreadId,
+    cursors: BTreeMap<ThreadId, Cursor>,
+    out: NodeLogits,
+}
+
+impl<'t> Replay<'t> {
+    /// Adds `tree`'s root as a request of `engine`, with logits at every token.
+    pub fn start<B: Backend>(engine: &mut Engine<B>, tree: &'t TreeNode) -> Result<Self> {
+        let root = engine.add_request(&tree.tokens)?;
+        engine.set_all_logits(root, true)?;
+        let mut cursors = BTreeMap::new();
+        cursors.insert(
+            root,
+            Cursor {
+                path: Vec::new(),
+                phase: Phase::Own,
+                decode: VecDeque::new(),
+                expect: tree.tokens.len(),
+            },
+        );
+        Ok(Self {
+            tree,
+            root,
+            cursors,
+            out: NodeLogits::skeleton(tree),
+        })
+    }
+
+    /// The request (its root thread).
+    pub fn request(&self) -> ThreadId {
+        self.root
+    }
+
+    /// True when every thread of the tree has finished.
+    pub fn is_done(&self) -> bool {
+        self.cursors.is_empty()
+    }
+
+    /// Moves every thread whose phase is complete on (forks, joins, finishes) and queues
+    /// each decoding thread's next token.
+    pub fn prepare<B: Backend>(&mut self, engine: &mut Engine<B>) -> Result<()> {
+        advance(engine, self.tree, &mut self.cursors)?;
+        for (&id, c) in self.cursors.iter_mut() {
             if engine.thread(id)?.pending.is_empty() {
                 if let Some(t) = c.decode.pop_front() {
                     engine.feed(id, &[t])?;
                 }
             }
         }
-        if !engine.has_work() {
-            return Err(broken("no thread can make progress"));
-        }
-        let step = engine.step()?;
+        Ok(())
+    }
+
+    /// Takes the logits of this tree's threads from the engine's last step.
+    pub fn collect<B: Backend>(&mut self, engine: &Engine<B>) -> Result<()> {
+        let step = engine.last_output();
         for t in step.threads {
-            let c = cursors
+            if engine.thread(t.thread)?.request != self.root {
+                continue;
+            }
+            let c = self
+                .cursors
                 .get_mut(&t.thread)
                 .ok_or_else(|| broken("output for an unknown thread"))?;
             c.expect = c.expect.saturating_sub(t.logit_rows);
-            let node = out_at(&mut out, &c.path);
+            let node = out_at(&mut self.out, &c.path);
             let rows = step.logits_of(t).map(<[f32]>::to_vec);
             match c.phase {
                 Phase::JoinPrefill => node.join_logits.extend(rows),
                 _ => node.logits.extend(rows),
             }
         }
+        Ok(())
     }
-    Ok(out)
+
+    /// The logits collected so far, shaped like the tree.
+    pub fn into_logits(self) -> NodeLogits {
+        self.out
+    }
 }
 
 /// Moves every cursor whose phase is complete to its next phase until nothing changes.
@@ -122,7 +180,7 @@ fn advance<B: Backend>(
     tree: &TreeNode,
     cursors: &mut BTreeMap<ThreadId, Cursor>,
 ) -> Result<()> {
-    let missing = || SpindleError::InvalidRequest("replay: tree path lost".into());
+    let missing = || SpindleError::InvalidInput("replay: tree path lost".into());
     loop {
         let ready = cursors.iter().find(|(&id, c)| {
             c.phase != Phase::Waiting
@@ -190,7 +248,7 @@ fn advance<B: Backend>(
 }
 
 fn unreachable_phase() -> Result<()> {
-    Err(SpindleError::InvalidRequest(
+    Err(SpindleError::InvalidInput(
         "replay: a waiting thread was advanced".into(),
     ))
 }

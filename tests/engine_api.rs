@@ -7,30 +7,97 @@ use spindle::{AttentionMode, JoinKind, SpindleError};
 
 #[test]
 fn misuse_is_refused_with_a_reason() {
+    use spindle::error::Operation;
+    use spindle::tree::ThreadState;
     let mut e = engine("tiny-llama", 64, 4, AttentionMode::Forked);
     // Tokens past the vocabulary.
     assert!(matches!(
         e.add_request(&[1, 600]),
         Err(SpindleError::TokenOutOfVocab { token: 600, .. })
     ));
-    // Positions past the largest one the kernels take.
-    assert!(e.add_request_with_positions(&[1], &[u32::MAX]).is_err());
+    // Positions past the largest one the kernels take, and positions that do not match.
+    assert!(matches!(
+        e.add_request_with_positions(&[1], &[u32::MAX]),
+        Err(SpindleError::PositionOverflow { next, .. }) if next == u32::MAX as u64
+    ));
+    assert!(matches!(
+        e.add_request_with_positions(&[1, 2], &[0]),
+        Err(SpindleError::PositionsMismatch {
+            tokens: 2,
+            positions: 1
+        })
+    ));
+    // Unknown ids.
+    assert!(matches!(
+        e.feed(99, &[1]),
+        Err(SpindleError::UnknownThread { thread: 99 })
+    ));
+    assert!(matches!(
+        e.cancel(99),
+        Err(SpindleError::UnknownRequest { request: 99 })
+    ));
     let root = e.add_request(&[1, 2, 3]).expect("request");
     // A fork before the prompt is cached, and a join with nothing forked.
-    assert!(e.fork(root, 2, true).is_err());
+    assert!(matches!(
+        e.fork(root, 2, true),
+        Err(SpindleError::WrongState {
+            op: Operation::Fork,
+            state: ThreadState::Active,
+            queued: 3,
+            ..
+        })
+    ));
     while e.has_work() {
         e.step().expect("step");
     }
-    assert!(e.join(root, JoinKind::Reuse).is_err());
-    assert!(e.fork(root, 0, true).is_err(), "a fork needs children");
+    assert!(matches!(
+        e.join(root, JoinKind::Reuse),
+        Err(SpindleError::WrongState {
+            op: Operation::Join,
+            state: ThreadState::Active,
+            ..
+        })
+    ));
+    assert!(
+        matches!(
+            e.fork(root, 0, true),
+            Err(SpindleError::EmptyFork { thread }) if thread == root
+        ),
+        "a fork needs children"
+    );
+    assert!(matches!(
+        e.fork(root, 5000, true),
+        Err(SpindleError::ForkTooWide {
+            requested: 5000,
+            max: 1024,
+            ..
+        })
+    ));
     let kids = e
         .fork_with(root, 2, true, Some(JoinKind::Reprefill))
         .expect("fork");
-    // Only a request's root can be cancelled.
-    assert!(e.cancel(kids[0]).is_err());
+    // Only a request's root names a request.
+    assert!(matches!(
+        e.cancel(kids[0]),
+        Err(SpindleError::UnknownRequest { request }) if request == kids[0]
+    ));
     // Feeding a waiting parent, and joining before the children end.
-    assert!(e.feed(root, &[4]).is_err());
-    assert!(e.join(root, JoinKind::Reprefill).is_err());
+    assert!(matches!(
+        e.feed(root, &[4]),
+        Err(SpindleError::WrongState {
+            op: Operation::Feed,
+            state: ThreadState::Waiting,
+            ..
+        })
+    ));
+    assert!(matches!(
+        e.join(root, JoinKind::Reprefill),
+        Err(SpindleError::WrongState {
+            op: Operation::Join,
+            state: ThreadState::Waiting,
+            ..
+        })
+    ));
     e.check_refcounts()
         .expect("refcounts while children share the prompt's blocks");
     for &k in &kids {
@@ -42,11 +109,19 @@ fn misuse_is_refused_with_a_reason() {
     for &k in &kids {
         e.finish(k).expect("finish");
     }
+    assert!(matches!(
+        e.forget(kids[0]),
+        Err(SpindleError::WrongState {
+            op: Operation::Forget,
+            state: ThreadState::Finished,
+            ..
+        })
+    ));
     // Children forked for a re-prefill join gave their blocks back: a reuse join of them
     // would merge nothing, so it is refused rather than silently wrong.
     assert!(matches!(
         e.join(root, JoinKind::Reuse),
-        Err(SpindleError::InvalidRequest(_))
+        Err(SpindleError::CacheReleased { thread, child }) if thread == root && child == kids[0]
     ));
     assert_eq!(e.join(root, JoinKind::Reprefill).expect("join"), 4);
     while e.has_work() {
@@ -54,7 +129,82 @@ fn misuse_is_refused_with_a_reason() {
     }
     e.finish(root).expect("finish");
     assert!(e.pool().all_free());
-    e.check_refcounts().expect("refcounts");
+    e.check_invariants().expect("invariants");
+}
+
+#[test]
+fn forks_deeper_than_the_limit_are_refused() {
+    let mut e = engine("tiny-llama", 64, 4, AttentionMode::Forked);
+    let mut t = e.add_request(&[1]).expect("request");
+    e.step().expect("step");
+    for _ in 0..e.config().max_fork_depth {
+        t = e.fork(t, 1, true).expect("fork")[0];
+    }
+    assert!(matches!(
+        e.fork(t, 1, true),
+        Err(SpindleError::ForkTooDeep {
+            depth: 65,
+            max: 64,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn cancelling_frees_blocks_at_once_at_any_point() {
+    let mut e = engine("tiny-llama", 64, 4, AttentionMode::Forked);
+    // Mid-prefill: the prompt is longer than one prefill chunk.
+    let a = e.add_request(&[1; 12]).expect("request");
+    let b = e.add_request(&[2; 5]).expect("request");
+    e.step().expect("step");
+    let used_with_a = e.pool().num_used();
+    e.cancel(a).expect("cancel mid-prefill");
+    assert!(e.pool().num_used() < used_with_a, "a's blocks came back");
+    assert_eq!(
+        e.thread(a).expect("a").state,
+        spindle::tree::ThreadState::Retired
+    );
+    e.check_invariants().expect("invariants");
+    // Mid-fork: one child of b is cancelled with its subtree; b joins the other.
+    while e.has_work() {
+        e.step().expect("step");
+    }
+    let kids = e.fork(b, 2, true).expect("fork");
+    e.feed(kids[0], &[3, 4, 5]).expect("feed");
+    e.feed(kids[1], &[6]).expect("feed");
+    e.step().expect("step");
+    let grandkids = e.fork(kids[1], 2, true).expect("nested fork");
+    e.feed(grandkids[0], &[7]).expect("feed");
+    e.feed(grandkids[1], &[8]).expect("feed");
+    e.step().expect("step");
+    let before = e.pool().num_used();
+    e.cancel_thread(kids[1]).expect("cancel a subtree");
+    assert!(
+        e.pool().num_used() < before,
+        "the subtree's blocks came back"
+    );
+    for g in grandkids {
+        assert_eq!(
+            e.thread(g).expect("g").state,
+            spindle::tree::ThreadState::Retired
+        );
+    }
+    e.check_invariants()
+        .expect("invariants after a subtree cancel");
+    while e.has_work() {
+        e.step().expect("step");
+    }
+    e.finish(kids[0]).expect("finish");
+    assert_eq!(
+        e.join(b, JoinKind::Reprefill).expect("join"),
+        3,
+        "only the surviving child"
+    );
+    // Cancelling what already ended does nothing.
+    e.cancel_thread(kids[1]).expect("again");
+    e.cancel(b).expect("cancel the request");
+    assert!(e.pool().all_free());
+    e.check_invariants().expect("invariants when empty");
 }
 
 #[test]

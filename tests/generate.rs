@@ -714,3 +714,56 @@ fn where_a_request_budget_cuts_does_not_depend_on_waves_or_neighbours() {
         assert_eq!(generated_by_path(&small, b), alone, "budget {budget}");
     }
 }
+
+#[test]
+fn cancelling_a_request_with_children_in_waves_frees_it_and_spares_the_other() {
+    use spindle::generate::events::EndReason;
+    let tok = tok();
+    let policy = Policy {
+        child_growth_tokens: 40,
+        ..small_policy()
+    };
+    let long: &[(&[u32], &str)] = &[(&[], "{30}<|endoftext|>")];
+    let alone = {
+        let mut g = generator(256, 4, policy.clone());
+        let id = g
+            .add_request(request(&tok, "other", long))
+            .expect("request");
+        run_all(&mut g);
+        generated_by_path(&g, id)
+    };
+    // A pool with room for two children at a time: the forking request's children wait in
+    // waves when it is cancelled.
+    let mut g = generator(56, 4, policy);
+    let a = g
+        .add_request(request(&tok, "<think> plan", FOUR))
+        .expect("request");
+    let b = g
+        .add_request(request(&tok, "other", long))
+        .expect("request");
+    let mut waves = false;
+    while !waves {
+        let events = g.step().expect("step");
+        waves |= events.iter().any(|e| matches!(e, Event::Waves { .. }));
+        assert!(!g.is_idle(), "the fork never waited in waves");
+    }
+    let used = g.engine().pool().num_used();
+    g.cancel(a).expect("cancel");
+    assert!(
+        g.engine().pool().num_used() < used,
+        "its blocks came back at once"
+    );
+    assert!(matches!(
+        g.cancel(9999),
+        Err(spindle::SpindleError::UnknownRequest { request: 9999 })
+    ));
+    g.cancel(a).expect("cancelling again does nothing");
+    run_all(&mut g);
+    assert_clean(&g);
+    assert_eq!(g.output(a).expect("a ended").reason, EndReason::Cancelled);
+    assert_eq!(
+        generated_by_path(&g, b),
+        alone,
+        "the other request is unchanged"
+    );
+}

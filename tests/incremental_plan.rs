@@ -30,6 +30,8 @@ fn engine(
             max_step_tokens: 64,
             prefill_chunk: 8,
             shared_tail: tail,
+            check_invariants: true,
+            ..EngineConfig::default()
         },
     )
 }

@@ -7,20 +7,28 @@ use model_loader::Checkpoint;
 use spindle::backend::null::NullBackend;
 use spindle::{AttentionMode, Engine, EngineConfig};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 mod common;
 
-/// Counts allocations (and reallocations) while `COUNTING` is set.
+/// Counts allocations (and reallocations) made by a thread while its `COUNTING` is set
+/// (only the test's own thread: the harness's threads allocate as they please).
 struct Counting;
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+fn counting() -> bool {
+    COUNTING.try_with(Cell::get).unwrap_or(false)
+}
 
 // SAFETY: defers every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as the caller's.
@@ -33,7 +41,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as the caller's.
@@ -80,14 +88,14 @@ fn a_steady_decode_step_allocates_nothing() {
     let (builds0, _) = e.plan_counts();
     // 200 steps: every thread's tail crosses 12 block boundaries.
     const STEPS: u64 = 200;
-    COUNTING.store(true, Ordering::SeqCst);
+    COUNTING.with(|c| c.set(true));
     let mut rows = 0usize;
     for _ in 0..STEPS {
         feed_all(&mut e, &mut token);
         let out = e.step().expect("step");
         rows += out.rows + out.logits.len() / vocab as usize;
     }
-    COUNTING.store(false, Ordering::SeqCst);
+    COUNTING.with(|c| c.set(false));
     let allocs = ALLOCS.load(Ordering::SeqCst);
     let (builds1, _) = e.plan_counts();
     eprintln!(

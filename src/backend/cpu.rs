@@ -221,7 +221,7 @@ impl CpuBackend {
 /// a zero block size, or more slots than a `u32` slot index can name.
 fn pool_elems(num_blocks: usize, block_size: usize, kv_width: usize) -> Result<usize> {
     if block_size == 0 {
-        return Err(SpindleError::InvalidRequest(
+        return Err(SpindleError::InvalidSetting(
             "the block size must be at least 1 token".into(),
         ));
     }
@@ -229,25 +229,24 @@ fn pool_elems(num_blocks: usize, block_size: usize, kv_width: usize) -> Result<u
         .checked_mul(block_size)
         .filter(|&s| s <= u32::MAX as usize)
         .ok_or_else(|| {
-            SpindleError::InvalidRequest(format!(
+            SpindleError::InvalidSetting(format!(
                 "{num_blocks} blocks of {block_size} tokens is more slots than the cache can index ({})",
                 u32::MAX
             ))
         })?;
-    slots.checked_mul(kv_width).ok_or_else(|| {
-        SpindleError::InvalidRequest(format!("a cache of {slots} slots does not fit in memory"))
-    })
+    slots
+        .checked_mul(kv_width)
+        .ok_or(SpindleError::CacheTooLarge { slots })
 }
 
 /// A zeroed buffer, or an error (not an abort) when memory runs out.
 fn zeroed(elems: usize) -> Result<Vec<f32>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(elems).map_err(|_| {
-        SpindleError::InvalidRequest(format!(
-            "cannot allocate a KV cache of {} MiB per layer and kind",
-            (elems * 4) >> 20
-        ))
-    })?;
+    v.try_reserve_exact(elems)
+        .map_err(|_| SpindleError::OutOfMemory {
+            what: "a K/V cache layer",
+            mib: (elems * 4) >> 20,
+        })?;
     v.resize(elems, 0.0);
     Ok(v)
 }

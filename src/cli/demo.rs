@@ -156,7 +156,7 @@ impl EngineJob for DemoJob<'_> {
         }
         println!("\nThis workload is synthetic: random weights, scripted control tokens.");
         if failed > 0 {
-            return Err(SpindleError::InvalidRequest(format!(
+            return Err(SpindleError::RunFailed(format!(
                 "{failed} of {} requests failed (see the errors above)",
                 ids.len()
             )));

@@ -73,7 +73,7 @@ struct Job {
 /// Runs the command.
 pub fn run(args: &ReplayArgs) -> Result<()> {
     if args.block_size == 0 {
-        return Err(SpindleError::InvalidRequest(
+        return Err(SpindleError::InvalidSetting(
             "--block-size must be at least 1".into(),
         ));
     }
@@ -193,8 +193,10 @@ impl EngineJob for ReplayJob<'_> {
                 None => output = json!({ "tree": filled, "stats": st }),
             }
         }
-        let text =
-            serde_json::to_string(&output).map_err(|e| SpindleError::Backend(e.to_string()))?;
+        let text = serde_json::to_string(&output).map_err(|source| SpindleError::Json {
+            what: "replay output".into(),
+            source,
+        })?;
         std::fs::write(out, text).map_err(|source| SpindleError::Io {
             path: out.to_path_buf(),
             source,

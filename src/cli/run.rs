@@ -322,7 +322,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .request_budget
         .min(args.max_tokens.unwrap_or(usize::MAX));
     if args.block_size == 0 {
-        return Err(SpindleError::InvalidRequest(
+        return Err(SpindleError::InvalidSetting(
             "--block-size must be at least 1".into(),
         ));
     }
@@ -388,7 +388,7 @@ impl EngineJob for RunJob<'_> {
             );
         }
         if failed {
-            return Err(SpindleError::InvalidRequest(
+            return Err(SpindleError::RunFailed(
                 "the request failed (see the error above)".into(),
             ));
         }

@@ -16,6 +16,8 @@ pub enum EndReason {
     Budget,
     /// The request was cancelled after an error (see the `Error` event before it).
     Error,
+    /// The request was cancelled through the API ([`Generator::cancel`](super::generator::Generator::cancel)).
+    Cancelled,
 }
 
 /// Tokens one thread generated.

@@ -188,9 +188,7 @@ impl<B: Backend> Generator<B> {
     /// Starts a request; returns its id (its root thread's id).
     pub fn add_request(&mut self, req: Request) -> Result<usize> {
         if req.prompt.is_empty() {
-            return Err(SpindleError::InvalidRequest(
-                "a request needs at least one prompt token".into(),
-            ));
+            return Err(SpindleError::EmptyPrompt);
         }
         let root = self.engine.add_request(&req.prompt)?;
         let budget = self
@@ -616,7 +614,7 @@ impl<B: Backend> Generator<B> {
         let c = self
             .ctl
             .get_mut(&id)
-            .ok_or_else(|| SpindleError::InvalidRequest(format!("no driver state for {id}")))?;
+            .ok_or(SpindleError::UnknownThread { thread: id })?;
         let request = c.request;
         let fork_no = c.forks.len() as u64;
         // Split what the parent's subtree has left evenly (the first children get the
@@ -943,6 +941,44 @@ impl<B: Backend> Generator<B> {
         self.complete(request, reason)
     }
 
+    /// Cancels a request at any point (prefilling, decoding, forked with children waiting
+    /// in a wave, preempted): every thread's blocks return to the pool at once and the
+    /// request finishes with [`EndReason::Cancelled`] (a `Finished` event, and an output
+    /// whose threads hold what they generated so far). Other requests are unaffected.
+    /// Cancelling a request that already finished does nothing.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownRequest`] when no request has this id.
+    pub fn cancel(&mut self, request: usize) -> Result<()> {
+        let Some(rs) = self.requests.get(&request) else {
+            return Err(SpindleError::UnknownRequest { request });
+        };
+        if rs.done {
+            return Ok(());
+        }
+        self.end_all(request)?;
+        self.complete(request, EndReason::Cancelled)
+    }
+
+    /// Releases every thread of `request` in the engine and marks them ended.
+    fn end_all(&mut self, request: usize) -> Result<()> {
+        self.engine.cancel(request)?;
+        let ids: Vec<ThreadId> = self
+            .requests
+            .get(&request)
+            .map(|r| r.threads.clone())
+            .unwrap_or_default();
+        for id in ids {
+            if let Some(c) = self.ctl.get_mut(&id) {
+                if !c.done {
+                    c.done = true;
+                    self.trace.thread_end(id, self.steps);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Cancels a request after an error: every thread released, an `Error` event.
     fn fail(&mut self, request: usize, message: String) -> Result<()> {
         self.engine.cancel(request)?;
@@ -1001,7 +1037,7 @@ impl<B: Backend> Generator<B> {
             tokens_per_thread: per_thread,
         };
         let context = match reason {
-            EndReason::Error => Vec::new(),
+            EndReason::Error | EndReason::Cancelled => Vec::new(),
             _ => self.engine.thread(request)?.ctx_tokens.clone(),
         };
 

@@ -62,10 +62,10 @@ impl Scripted {
             let (before, after) = rest.split_at(open);
             items.extend(tok.encode(before)?.into_iter().map(ScriptItem::Token));
             let close = after.find('}').ok_or_else(|| {
-                SpindleError::InvalidRequest(format!("script: unclosed '{{' in {text:?}"))
+                SpindleError::InvalidInput(format!("script: unclosed '{{' in {text:?}"))
             })?;
             let n: usize = after[1..close].trim().parse().map_err(|_| {
-                SpindleError::InvalidRequest(format!(
+                SpindleError::InvalidInput(format!(
                     "script: {:?} is not a token count",
                     &after[1..close]
                 ))

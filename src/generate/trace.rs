@@ -119,8 +119,10 @@ impl TraceRecorder {
 
     /// Writes the trace to `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string(&self.to_json())
-            .map_err(|e| SpindleError::InvalidRequest(format!("trace: {e}")))?;
+        let text = serde_json::to_string(&self.to_json()).map_err(|source| SpindleError::Json {
+            what: format!("trace {}", path.display()),
+            source,
+        })?;
         std::fs::write(path, text).map_err(|source| SpindleError::Io {
             path: path.to_path_buf(),
             source,
