@@ -6,7 +6,9 @@
 //! three interleaved runs. Writes `target/bench/runtime.csv` (`SPINDLE_BENCH_DIR`
 //! overrides).
 //!
-//! `cargo bench --bench runtime` (add `-- --quick` for fewer steps).
+//! `cargo bench --bench runtime` (add `-- --quick` for fewer steps). `-- --only W:P --steps N
+//! --rounds 1` runs one case, for instruction counts under `valgrind --tool=callgrind`
+//! (the difference between two step counts is the cost of the extra steps alone).
 
 use model_loader::Checkpoint;
 use spindle::backend::null::NullBackend;
@@ -100,6 +102,14 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// The value after `flag` on the command line.
+fn arg(flag: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let mut cases: Vec<(usize, usize)> = [1, 4, 16, 64, 256, 1024]
@@ -107,22 +117,31 @@ fn main() {
         .map(|&w| (w, 512))
         .collect();
     cases.extend([(64, 4096), (64, 32768)]);
+    if let Some(only) = arg("--only") {
+        let (w, p) = only.split_once(':').expect("--only W:P");
+        cases = vec![(w.parse().expect("W"), p.parse().expect("P"))];
+    }
+    let fixed_steps: Option<usize> = arg("--steps").map(|s| s.parse().expect("--steps N"));
+    let rounds: usize = arg("--rounds").map_or(3, |s| s.parse().expect("--rounds N"));
     let steps_for = |w: usize| {
-        let s = if w >= 256 { 200 } else { 1000 };
+        let s = fixed_steps.unwrap_or(if w >= 256 { 200 } else { 1000 });
         if quick {
             s / 10
         } else {
             s
         }
     };
-    // Three interleaved rounds over every case, then medians.
+    // Interleaved rounds over every case, then medians.
     let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); cases.len()];
-    for _ in 0..3 {
+    for _ in 0..rounds {
         for (i, &(w, p)) in cases.iter().enumerate() {
             results[i].push(run(w, p, steps_for(w)));
         }
     }
-    println!("spindle runtime per step (no-arithmetic backend, vocabulary {VOCAB}, block {BLOCK}; medians of 3)");
+    println!(
+        "spindle runtime per step (no-arithmetic backend, vocabulary {VOCAB}, block {BLOCK}; \
+         medians of {rounds})"
+    );
     println!(
         "{:>7} {:>7} {:>12} {:>16} {:>18}",
         "threads", "prefix", "us/step", "allocs/step", "plan rebuilds/step"
@@ -139,7 +158,11 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/bench"));
     std::fs::create_dir_all(&out_dir).expect("bench dir");
-    let path = out_dir.join("runtime.csv");
+    let path = out_dir.join(if arg("--only").is_some() {
+        "runtime_one.csv"
+    } else {
+        "runtime.csv"
+    });
     std::fs::write(&path, csv).expect("csv");
     println!("wrote {}", path.display());
 }

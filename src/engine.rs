@@ -231,6 +231,10 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Starts a request: a root thread with `prompt` queued at positions 0, 1, 2, ...
+    ///
+    /// # Errors
+    /// [`SpindleError::TokenOutOfVocab`] for a token past the vocabulary;
+    /// [`SpindleError::PositionOverflow`] for a prompt longer than the largest position.
     pub fn add_request(&mut self, prompt: &[u32]) -> Result<ThreadId> {
         let positions: Vec<u32> = (0..prompt.len() as u32).collect();
         self.add_request_with_positions(prompt, &positions)
@@ -238,6 +242,10 @@ impl<B: Backend> Engine<B> {
 
     /// Starts a request whose prompt tokens carry explicit positions (a flattened tree
     /// context, for example); later tokens continue after the largest one.
+    ///
+    /// # Errors
+    /// [`SpindleError::TokenOutOfVocab`]; [`SpindleError::PositionsMismatch`] when the
+    /// lengths differ; [`SpindleError::PositionOverflow`] for a position past the largest.
     pub fn add_request_with_positions(
         &mut self,
         prompt: &[u32],
@@ -295,12 +303,20 @@ impl<B: Backend> Engine<B> {
 
     /// Asks for logits at every token `id` feeds (teacher forcing, scoring) instead of only
     /// at its last queued token (generation). Children forked later inherit the setting.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`].
     pub fn set_all_logits(&mut self, id: ThreadId, all: bool) -> Result<()> {
         self.thread_mut(id)?.all_logits = all;
         Ok(())
     }
 
     /// Queues tokens on an active thread.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`]; [`SpindleError::TokenOutOfVocab`];
+    /// [`SpindleError::WrongState`] unless the thread is active;
+    /// [`SpindleError::PositionOverflow`] past the largest position.
     pub fn feed(&mut self, id: ThreadId, tokens: &[u32]) -> Result<()> {
         self.check_tokens(tokens)?;
         let t = self.thread_mut(id)?;
@@ -316,12 +332,21 @@ impl<B: Backend> Engine<B> {
     /// Forks `n` children off `id` once its queued tokens are cached. With `share_context`
     /// each child starts with the parent's context and next position (metadata only);
     /// without it (APR) a child starts empty at position 0.
+    ///
+    /// # Errors
+    /// As [`Engine::fork_with`].
     pub fn fork(&mut self, id: ThreadId, n: usize, share_context: bool) -> Result<Vec<ThreadId>> {
         self.fork_with(id, n, share_context, None)
     }
 
     /// [`Engine::fork`] when the join is known in advance: children of a re-prefill join
     /// give their blocks back as soon as they finish (only their tokens are needed).
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`]; [`SpindleError::WrongState`] unless the thread is
+    /// active with nothing queued; [`SpindleError::EmptyFork`] for `n == 0`;
+    /// [`SpindleError::ForkTooWide`] / [`SpindleError::ForkTooDeep`] past
+    /// [`EngineConfig::max_fork_width`] / [`EngineConfig::max_fork_depth`].
     pub fn fork_with(
         &mut self,
         id: ThreadId,
@@ -403,6 +428,10 @@ impl<B: Backend> Engine<B> {
 
     /// Marks a thread as ended. It must have no queued tokens. A child keeps its cache
     /// until its parent joins it; a root releases everything.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`]; [`SpindleError::WrongState`] unless the thread is
+    /// active with nothing queued.
     pub fn finish(&mut self, id: ThreadId) -> Result<()> {
         self.thread(id)?;
         let t = &mut self.threads[id];
@@ -425,6 +454,9 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Sets the tokens a child hands back at a re-prefill join instead of its transcript.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`]; [`SpindleError::TokenOutOfVocab`].
     pub fn set_returns(&mut self, id: ThreadId, tokens: &[u32]) -> Result<()> {
         self.check_tokens(tokens)?;
         self.thread_mut(id)?.returns = Some(tokens.to_vec());
@@ -434,6 +466,10 @@ impl<B: Backend> Engine<B> {
     /// Releases the cached K/V of a finished child whose work returns by re-prefill (its
     /// transcript and returns are kept), so memory frees before its siblings end. A reuse
     /// join of a released child merges nothing.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`]; [`SpindleError::WrongState`] unless it is a
+    /// finished child.
     pub fn release_cache(&mut self, id: ThreadId) -> Result<()> {
         self.thread(id)?;
         let t = &mut self.threads[id];
@@ -457,6 +493,12 @@ impl<B: Backend> Engine<B> {
     /// Joins the finished children of `id`. Reuse: the parent's context gains their own
     /// cached tokens and its position jumps past the longest child. Re-prefill: their
     /// transcripts (or returns) are queued on the parent; the number queued is returned.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`]; [`SpindleError::WrongState`] unless the thread
+    /// waits on children that all finished; [`SpindleError::CacheReleased`] for a reuse
+    /// join of a child that gave its cache back; [`SpindleError::PositionOverflow`] when
+    /// the re-prefilled tokens would pass the largest position.
     pub fn join(&mut self, id: ThreadId, kind: JoinKind) -> Result<usize> {
         let parent = self.thread(id)?;
         if parent.state != ThreadState::Waiting || !self.children_done(id) {
@@ -539,6 +581,9 @@ impl<B: Backend> Engine<B> {
     /// Drops what a retired thread still remembers (its context tokens and positions), once
     /// the caller has read what it needs, so a long run's memory does not grow with every
     /// thread it ever ran. The id stays valid.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`]; [`SpindleError::WrongState`] unless it is retired.
     pub fn forget(&mut self, id: ThreadId) -> Result<()> {
         let t = self.thread_mut(id)?;
         if t.state != ThreadState::Retired {
@@ -600,6 +645,11 @@ impl<B: Backend> Engine<B> {
     /// one decode token) in one forward pass. Threads the pool cannot hold wait; if none
     /// fits, the youngest running thread is preempted. The output borrows the engine's
     /// buffers (the logits are one `[rows, vocab]` buffer, not copied per thread).
+    ///
+    /// # Errors
+    /// [`SpindleError::ThreadDoesNotFit`] when even after preempting every other thread
+    /// the oldest waiting thread's next tokens do not fit in the pool (nothing is lost:
+    /// cancel or finish something and step again); a backend's error (device failure).
     pub fn step(&mut self) -> Result<StepOutput<'_>> {
         let bs = self.pool.block_size();
         let buf = &mut self.buf;
