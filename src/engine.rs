@@ -267,8 +267,8 @@ impl<B: Backend> Engine<B> {
             state: ThreadState::Active,
             children: Vec::new(),
             view: KvView::new(),
-            ctx_tokens: Vec::new(),
-            ctx_pos: Vec::new(),
+            ctx_tokens: Vec::with_capacity(prompt.len() + CONTEXT_ROOM),
+            ctx_pos: Vec::with_capacity(prompt.len() + CONTEXT_ROOM),
             next_pos: 0,
             fork_len: 0,
             pinned_len: 0,
@@ -388,8 +388,8 @@ impl<B: Backend> Engine<B> {
             let (view, ctx_tokens, ctx_pos, pos) = if share_context {
                 (
                     parent.view.share(&mut self.pool),
-                    parent.ctx_tokens.clone(),
-                    parent.ctx_pos.clone(),
+                    with_room(&parent.ctx_tokens),
+                    with_room(&parent.ctx_pos),
                     parent.next_pos,
                 )
             } else {
@@ -671,6 +671,9 @@ impl<B: Backend> Engine<B> {
             }
         }
         if buf.candidates.is_empty() {
+            // An empty step: its plan is the empty plan, not the last step's.
+            self.planner
+                .step(&[], self.threads.as_slice(), &mut input.plan);
             return Ok(self.output(0));
         }
         // Admission: oldest first, within the step's token budget and the free blocks.
@@ -959,6 +962,17 @@ fn check_positions(next: u32, n: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Tokens a thread's context vectors make room for ahead of time, so a decoding thread
+/// does not reallocate them step after step.
+const CONTEXT_ROOM: usize = 4096;
+
+/// A copy of a parent's context vector with room for a child's next [`CONTEXT_ROOM`] tokens.
+fn with_room(v: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(v.len() + CONTEXT_ROOM);
+    out.extend_from_slice(v);
+    out
 }
 
 /// The error for `op` on `t` in a state it does not accept.

@@ -267,3 +267,20 @@ fn a_step_reports_who_waited_and_who_was_preempted() {
     e.finish(b).expect("finish");
     assert!(e.pool().all_free());
 }
+
+#[test]
+fn an_empty_step_has_an_empty_plan() {
+    // Found by fuzz/engine_ops (fuzz/regressions/engine_ops/empty-step-stale-plan): a step
+    // with nothing to run left the previous step's plan in place.
+    let mut e = engine("tiny-llama", 16, 4, AttentionMode::Forked);
+    let root = e.add_request(&[1, 2, 3]).expect("request");
+    e.step().expect("prefill");
+    assert_eq!(e.last_plan().num_rows, 3);
+    let out = e.step().expect("nothing to do");
+    assert_eq!((out.rows, out.threads.len(), out.logits.len()), (0, 0, 0));
+    let plan = e.last_plan();
+    assert_eq!((plan.num_rows, plan.num_items()), (0, 0));
+    assert_eq!(plan.item_chunk_ptr, [0]);
+    assert_eq!(plan.row_partial_ptr, [0]);
+    e.finish(root).expect("finish");
+}

@@ -580,6 +580,14 @@ impl Planner {
         p.chunks.reserve(headroom);
         self.inserts.clear();
         self.inserts.reserve(threads.len());
+        // And for the next build to add an item per thread (a tail passing the split)
+        // without reallocating.
+        let n = threads.len();
+        p.item_chunk_ptr.reserve(n);
+        p.item_view_start.reserve(n);
+        p.item_row_ptr.reserve(n);
+        p.item_rows.reserve(2 * n);
+        p.row_partials.reserve(2 * n);
     }
 }
 
