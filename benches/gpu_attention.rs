@@ -20,8 +20,8 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-use spindle::cuda::kernels::{self, CacheShape, Chunks, DecodeWorkspace, KvCache};
-use spindle::cuda::Gpu;
+use spindle::backend::cuda::kernels::{self, CacheShape, Chunks, DecodeWorkspace, KvCache};
+use spindle::backend::cuda::Gpu;
 use spindle::kv::Chunk;
 use spindle::plan::{AttentionMode, AttentionPlan, PlanThread};
 

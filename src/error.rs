@@ -138,10 +138,15 @@ pub enum SpindleError {
     /// A backend failed (device error, unsupported shape).
     #[error("backend: {0}")]
     Backend(String),
-    /// A CUDA call failed (no device, driver, cuBLAS, kernel launch or argument check).
-    #[cfg(feature = "cuda")]
-    #[error(transparent)]
-    Cuda(#[from] crate::cuda::CudaError),
+    /// A device call failed (for CUDA: no device, driver, cuBLAS, kernel launch or argument
+    /// check); the device's own error is kept as the source (`CudaError` for CUDA, wrapped
+    /// where the CUDA backend meets the rest of spindle).
+    #[error("{backend}: {source}")]
+    Device {
+        backend: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A tokenizer file is missing or malformed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

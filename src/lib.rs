@@ -33,9 +33,7 @@
 //! ```
 
 pub mod backend;
-pub mod cli;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod generate;
@@ -47,7 +45,8 @@ pub mod tree;
 
 pub use backend::cpu::CpuBackend;
 #[cfg(feature = "cuda")]
-pub use cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
+pub use backend::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
+pub use device::{run_on, Device, EngineJob};
 pub use engine::{Engine, EngineConfig, EngineStats, StepOutput};
 pub use error::{Result, SpindleError};
 pub use plan::AttentionMode;

@@ -1,8 +1,9 @@
 //! The `spindle` command: inspect and generate checkpoints, replay thread trees, run the
 //! adaptive engine on a prompt, and the built-in demo (the default).
 
+mod cli;
+
 use clap::{Parser, Subcommand};
-use spindle::cli;
 use std::process::ExitCode;
 
 #[derive(Parser)]

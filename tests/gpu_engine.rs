@@ -31,8 +31,8 @@ mod common;
 use common::agreement::{Agreement, Bound};
 use common::*;
 use model_loader::{Arch, Checkpoint, DType, ModelConfig, TensorSpec};
-use spindle::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
-use spindle::cuda::{CudaError, Gpu};
+use spindle::backend::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
+use spindle::backend::cuda::{CudaError, Gpu};
 use spindle::kv::SharedTail;
 use spindle::replay::{blocks_for, replay_with_stats};
 use spindle::tree_file::TreeNode;
@@ -75,8 +75,10 @@ fn cuda_backend(test: &str, ck: &Checkpoint, opts: &CudaOptions) -> Option<CudaB
             println!("{test}: {}", b.pool());
             Some(b)
         }
-        Err(SpindleError::Cuda(CudaError::NoDevice(reason))) => {
-            skip(test, &reason);
+        Err(SpindleError::Device { source, .. })
+            if matches!(source.downcast_ref(), Some(CudaError::NoDevice(_))) =>
+        {
+            skip(test, &source.to_string());
             None
         }
         Err(e) => panic!("{test}: CudaBackend::load failed: {e}"),

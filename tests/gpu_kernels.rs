@@ -1,5 +1,5 @@
 //! GPU kernel tests: every launcher in `kernels/spindle_kernels.h`, through its safe
-//! wrapper in `spindle::cuda`, against the CPU backend's own functions (attention through
+//! wrapper in `spindle::backend::cuda`, against the CPU backend's own functions (attention through
 //! `cpu_attention::attention` on a plan built from the same chunk lists, RMSNorm, RoPE and
 //! SiLU through `backend::cpu`), computed in f32 on the same bf16 inputs. Without a CUDA
 //! driver every GPU test prints `SKIPPED: <test>: no CUDA driver (<reason>)` and passes;
@@ -13,8 +13,10 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use spindle::backend::cpu::{rms_norm_rows, rope_inv_freq, rope_rows, silu_mul as cpu_silu_mul};
 use spindle::backend::cpu_attention::{self, AttnShape};
-use spindle::cuda::kernels::{self, CacheShape, Chunks, DecodeWorkspace, KvCache, SampleParams};
-use spindle::cuda::{Blas, Gpu};
+use spindle::backend::cuda::kernels::{
+    self, CacheShape, Chunks, DecodeWorkspace, KvCache, SampleParams,
+};
+use spindle::backend::cuda::{Blas, Gpu};
 use spindle::kv::Chunk;
 use spindle::plan::{AttentionPlan, PlanThread};
 use spindle::AttentionMode;
@@ -746,7 +748,7 @@ fn attention_rejects_misaligned_caches() {
         &mut DecodeWorkspace::new(),
     );
     match r {
-        Err(spindle::cuda::CudaError::Shape { msg, .. }) => {
+        Err(spindle::backend::cuda::CudaError::Shape { msg, .. }) => {
             assert!(msg.contains("aligned"), "{test}: {msg}")
         }
         other => panic!("{test}: a misaligned cache must be refused, got {other:?}"),

@@ -57,6 +57,9 @@ pub struct GgufSource {
 #[derive(Debug)]
 enum Storage {
     Mapped(Vec<Shard>),
+    /// One safetensors image held in memory for the program's life (a model built into
+    /// the binary).
+    Static(&'static [u8]),
     /// One f32 buffer per tensor, values little-endian in memory order (see `owned_bytes`).
     Owned(Vec<Vec<f32>>, Box<GgufSource>),
 }
@@ -262,6 +265,38 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
+    /// A checkpoint from a `config.json` text and a single safetensors image already in
+    /// memory (a model built into the program with `include_bytes!`): no files, no mapping.
+    /// `name` labels it in errors (as if it were a directory). Validated like [`Checkpoint::open`].
+    pub fn from_static(
+        name: &str,
+        config_json: &str,
+        weights: &'static [u8],
+    ) -> Result<Checkpoint, LoadError> {
+        let dir = PathBuf::from(name);
+        let config = ModelConfig::from_json_str(config_json, &dir.join(CONFIG_FILE))?;
+        let weights_path = dir.join(SINGLE_FILE);
+        if weights.len() < 8 {
+            return Err(LoadError::HeaderTooShort {
+                path: weights_path,
+                len: weights.len() as u64,
+            });
+        }
+        let index = parse_safetensors(weights, &weights_path)?
+            .into_iter()
+            .map(|info| (info.name.clone(), Entry { shard: 0, info }))
+            .collect();
+        let checkpoint = Checkpoint {
+            dir,
+            config,
+            weights_path,
+            storage: Storage::Static(weights),
+            index,
+        };
+        checkpoint.validate_tensors()?;
+        Ok(checkpoint)
+    }
+
     /// Opens a GGUF file: maps it, validates the header (see [`gguf::parse_gguf`]), reads the
     /// config from its metadata, and dequantises every tensor to an owned f32 buffer under its
     /// Hugging Face name (Llama's q/k rows put back in Hugging Face's rope order). The mapping
@@ -333,7 +368,7 @@ impl Checkpoint {
     pub fn gguf(&self) -> Option<&GgufSource> {
         match &self.storage {
             Storage::Owned(_, source) => Some(source),
-            Storage::Mapped(_) => None,
+            Storage::Mapped(_) | Storage::Static(_) => None,
         }
     }
 
@@ -363,7 +398,7 @@ impl Checkpoint {
             Storage::Mapped(shards) => shards
                 .get(shard)
                 .map_or_else(|| self.weights_path.clone(), |s| s.path.clone()),
-            Storage::Owned(..) => self.weights_path.clone(),
+            Storage::Owned(..) | Storage::Static(_) => self.weights_path.clone(),
         }
     }
 
@@ -371,6 +406,7 @@ impl Checkpoint {
         let bytes: &[u8] = match &self.storage {
             Storage::Mapped(shards) => &shards.get(entry.shard)?.mmap,
             Storage::Owned(buffers, _) => owned_bytes(buffers.get(entry.shard)?),
+            Storage::Static(bytes) => bytes,
         };
         let data = bytes.get(entry.info.start..entry.info.end)?;
         Some(TensorView {
@@ -443,7 +479,7 @@ impl Checkpoint {
     pub fn files(&self) -> Vec<PathBuf> {
         match &self.storage {
             Storage::Mapped(shards) => shards.iter().map(|s| s.path.clone()).collect(),
-            Storage::Owned(..) => vec![self.weights_path.clone()],
+            Storage::Owned(..) | Storage::Static(_) => vec![self.weights_path.clone()],
         }
     }
 }

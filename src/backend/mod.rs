@@ -6,6 +6,8 @@
 
 pub mod cpu;
 pub mod cpu_attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod null;
 pub mod packed;
 pub mod simd;

@@ -4,16 +4,16 @@
 //! children, all batched; then prints the trees, the stats, and the steps taken against
 //! the steps the same work would need one thread at a time.
 
-use super::device::{run_on, Device, EngineJob};
 use super::run::{print_engine_stats, print_request_stats, StreamPrinter};
-use crate::backend::Backend;
-use crate::engine::{Engine, EngineConfig};
-use crate::error::{Result, SpindleError};
-use crate::generate::demo::workload;
-use crate::generate::{EndReason, Generator, Policy};
-use crate::tokenizer::Tokenizer;
 use model_loader::Checkpoint;
-use std::path::{Path, PathBuf};
+use spindle::backend::Backend;
+use spindle::device::{run_on, Device, EngineJob};
+use spindle::engine::{Engine, EngineConfig};
+use spindle::error::{Result, SpindleError};
+use spindle::generate::demo::workload;
+use spindle::generate::{EndReason, Generator, Policy};
+use spindle::tokenizer::Tokenizer;
+use std::path::PathBuf;
 
 const CONFIG: &str = include_str!("../../tests/fixtures/tiny-qwen2/config.json");
 const WEIGHTS: &[u8] = include_bytes!("../../tests/fixtures/tiny-qwen2/model.safetensors");
@@ -31,7 +31,8 @@ pub struct DemoArgs {
     /// Write a Chrome trace (open in Perfetto) here.
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    /// auto, cpu or cuda.
+    #[arg(long, default_value_t = Device::Auto)]
     pub device: Device,
 }
 
@@ -46,39 +47,14 @@ impl Default for DemoArgs {
     }
 }
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).map_err(|source| SpindleError::Io { path, source })
-}
-
-/// Writes the built-in model to a fresh temporary directory.
-fn unpack() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("spindle-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| SpindleError::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    write(&dir, "config.json", CONFIG.as_bytes())?;
-    write(&dir, "model.safetensors", WEIGHTS)?;
-    write(&dir, "tokenizer.json", TOKENIZER.as_bytes())?;
-    Ok(dir)
-}
-
-/// Runs `spindle demo`.
+/// Runs `spindle demo` on the built-in model, straight from the program's own bytes.
 pub fn run(args: &DemoArgs) -> Result<()> {
-    let dir = unpack()?;
-    let result = demo(args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-fn demo(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!("spindle demo: a SYNTHETIC workload.");
     println!("  model: built-in tiny Qwen2 with RANDOM weights (2 layers, vocab 384)");
     println!("  control tags (<Parallel>, <Outline>, </Thread>, <spawn>, ...) are SCRIPTED;");
     println!("  every other token is the model's own argmax (restricted to plain word pieces).");
     println!("  The engine, forward passes, forks, joins and KV cache are real.");
-    let ck = Checkpoint::open(dir)?;
+    let ck = Checkpoint::from_static("built-in tiny-qwen2", CONFIG, WEIGHTS)?;
     let tok = Tokenizer::from_bytes(TOKENIZER.as_bytes())?;
     let policy = Policy {
         thread_budget: 64,

@@ -1,8 +1,8 @@
 //! `spindle gen-model`: a random-weight checkpoint at the real shapes of a model size, in
 //! Hugging Face layout (bf16), so benchmarks and tests need no download.
 
-use crate::error::{Result, SpindleError};
 use model_loader::{generate_checkpoint, preset_config, Arch, Preset};
+use spindle::error::{Result, SpindleError};
 use std::path::PathBuf;
 
 /// Architecture names accepted on the command line.

@@ -1,7 +1,7 @@
 //! `spindle inspect --model DIR|FILE.gguf`: what a checkpoint holds, or why it cannot be loaded.
 
-use crate::error::Result;
 use model_loader::{Checkpoint, DType};
+use spindle::error::Result;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

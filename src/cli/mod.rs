@@ -1,7 +1,7 @@
-//! The `spindle` command line: one file per subcommand.
+//! The `spindle` command line (part of the binary, not the library): one file per
+//! subcommand.
 
 pub mod demo;
-pub mod device;
 pub mod gen_model;
 pub mod inspect;
 pub mod replay;

@@ -1,15 +1,15 @@
 //! `spindle replay`: teacher-forces a tree file (or every case of a `reference.json`)
 //! through the engine and writes it back with every logit filled in, plus stats.
 
-use super::device::{run_on, Device, EngineJob};
-use crate::backend::Backend;
-use crate::engine::{Engine, EngineConfig, EngineStats};
-use crate::error::{Result, SpindleError};
-use crate::plan::AttentionMode;
-use crate::replay::{blocks_for, replay_with_stats};
-use crate::tree_file::{TreeLimits, TreeNode};
 use model_loader::Checkpoint;
 use serde_json::{json, Value};
+use spindle::backend::Backend;
+use spindle::device::{run_on, Device, EngineJob};
+use spindle::engine::{Engine, EngineConfig, EngineStats};
+use spindle::error::{Result, SpindleError};
+use spindle::plan::AttentionMode;
+use spindle::replay::{blocks_for, replay_with_stats};
+use spindle::tree_file::{TreeLimits, TreeNode};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `spindle replay`.
@@ -36,7 +36,8 @@ pub struct ReplayArgs {
     /// Deepest fork nesting accepted.
     #[arg(long, default_value_t = 8)]
     pub max_depth: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    /// auto, cpu or cuda.
+    #[arg(long, default_value_t = Device::Auto)]
     pub device: Device,
 }
 

@@ -2,17 +2,17 @@
 //! growing tree (one line per thread chunk, prefixed by its path) and ending with stats.
 //! Also the stream printer and stats report `spindle demo` shares.
 
-use super::device::{run_on, Device, EngineJob};
-use crate::backend::Backend;
-use crate::engine::{Engine, EngineConfig, EngineStats};
-use crate::error::{Result, SpindleError};
-use crate::generate::events::path_label;
-use crate::generate::{
+use model_loader::Checkpoint;
+use spindle::backend::Backend;
+use spindle::device::{run_on, Device, EngineJob};
+use spindle::engine::{Engine, EngineConfig, EngineStats};
+use spindle::error::{Result, SpindleError};
+use spindle::generate::events::path_label;
+use spindle::generate::{
     EndReason, Event, Generator, Policy, Request, RequestOutput, SamplingParams, TagProtocol,
 };
-use crate::tokenizer::{TextStream, Tokenizer};
-use crate::tree::ThreadId;
-use model_loader::Checkpoint;
+use spindle::tokenizer::{TextStream, Tokenizer};
+use spindle::tree::ThreadId;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,7 +67,8 @@ pub struct RunArgs {
     pub thread_budget: usize,
     #[arg(long, default_value_t = Policy::default().request_budget)]
     pub request_budget: usize,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    /// auto, cpu or cuda.
+    #[arg(long, default_value_t = Device::Auto)]
     pub device: Device,
 }
 

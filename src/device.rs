@@ -1,4 +1,5 @@
-//! `--device cpu|cuda|auto`: which backend a command runs on.
+//! Choosing a device (the CPU backend, or the CUDA one when a GPU is usable) and running an
+//! engine job on it, whatever the backend type.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
@@ -6,8 +7,8 @@ use crate::engine::{Engine, EngineConfig};
 use crate::error::{Result, SpindleError};
 use model_loader::Checkpoint;
 
-/// The device a command asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+/// The device a caller asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
     /// The GPU when one is usable, else the CPU.
     #[default]
@@ -23,6 +24,32 @@ pub enum Device {
 pub enum Resolved {
     Cpu,
     Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = SpindleError;
+
+    /// `auto`, `cpu` or `cuda`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(SpindleError::InvalidSetting(format!(
+                "device {other:?}: expected auto, cpu or cuda"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
 }
 
 impl Device {
@@ -42,7 +69,7 @@ impl Device {
 
 #[cfg(feature = "cuda")]
 fn gpu_usable() -> Result<()> {
-    crate::cuda::device::Gpu::probe()
+    crate::backend::cuda::device::Gpu::probe()
         .map(|_| ())
         .map_err(|e| SpindleError::Backend(e.to_string()))
 }
@@ -84,7 +111,7 @@ fn run_cuda(
     cfg: EngineConfig,
     job: impl EngineJob,
 ) -> Result<()> {
-    use crate::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
+    use crate::backend::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
     let opts = CudaOptions {
         block_size,
         pool: KvPoolSize::Blocks(blocks),

@@ -51,3 +51,16 @@ impl CudaError {
         }
     }
 }
+
+impl From<CudaError> for crate::error::SpindleError {
+    /// The CUDA backend's errors reach callers as [`SpindleError::Device`], the CUDA error
+    /// kept as the source.
+    ///
+    /// [`SpindleError::Device`]: crate::error::SpindleError::Device
+    fn from(e: CudaError) -> Self {
+        crate::error::SpindleError::Device {
+            backend: "cuda",
+            source: Box::new(e),
+        }
+    }
+}

@@ -20,7 +20,7 @@
 //! - Activations are [`DevMat`]: `[rows, cols]` bf16 on the device. Logits are computed in
 //!   f32 by the lm_head GEMM for the gathered `logit_rows` only and copied to the host.
 //!
-//! Every CUDA failure is returned as [`SpindleError::Cuda`]; nothing panics and nothing
+//! Every CUDA failure is returned as [`SpindleError::Device`] (its source a `CudaError`); nothing panics and nothing
 //! here needs `unsafe` (the kernel wrappers hold the FFI calls).
 
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use crate::error::{Result, SpindleError};
 
 /// Maps a cudarc driver error into the crate's error type.
 fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
-    r.map_err(|e| SpindleError::Cuda(CudaError::from(e)))
+    r.map_err(|e| SpindleError::from(CudaError::from(e)))
 }
 
 fn backend_err(msg: impl Into<String>) -> SpindleError {
@@ -290,7 +290,7 @@ impl Loader<'_> {
 
 impl CudaBackend {
     /// Opens device `opts.device`, uploads the checkpoint's weights as bf16 and allocates
-    /// the K/V pool (see [`KvPoolSize`]). Fails with [`SpindleError::Cuda`] when there is no
+    /// the K/V pool (see [`KvPoolSize`]). Fails with [`SpindleError::Device`] when there is no
     /// usable GPU, and [`SpindleError::Backend`] for shapes the kernels do not support.
     pub fn load(ck: &Checkpoint, opts: &CudaOptions) -> Result<Self> {
         let cfg = ck.config().clone();
