@@ -2,14 +2,24 @@
 //! every active thread's pending tokens in one forward pass.
 //!
 //! The engine is mechanism only: callers (the replay driver, the generation scheduler)
-//! decide what to feed, when to fork and how to join.
+//! decide what to feed, when to fork and how to join. This file holds the thread
+//! operations; a step is `schedule.rs` (admission, preemption), `batch.rs` (rows, plan,
+//! counters), then the forward pass; `output.rs` is what it hands back, `invariants.rs`
+//! what must always hold.
 
 use crate::backend::{Backend, StepInput};
 use crate::error::{Operation, Result, SpindleError};
 use crate::kv::{BlockPool, KvView, SharedTail};
 use crate::model;
 use crate::plan::{AttentionMode, PlanInput, Planner, ViewSource};
+
+mod batch;
+mod invariants;
+mod output;
+mod schedule;
+
 use crate::tree::{JoinKind, Pending, Thread, ThreadId, ThreadState, MAX_POSITION};
+pub use output::{EngineStats, StepOutput, ThreadOutput};
 use std::collections::BTreeSet;
 
 /// Engine settings.
@@ -49,54 +59,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// What one step produced for one thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ThreadOutput {
-    pub thread: ThreadId,
-    /// Tokens appended this step (recomputed ones included).
-    pub fed: usize,
-    /// Its logits rows in the step's `[rows, vocab]` buffer: `first_logit ..
-    /// first_logit + logit_rows`. A thread that asked for all logits gets one row per
-    /// newly fed token, else one at its last queued token (the next-token distribution)
-    /// or none.
-    pub first_logit: usize,
-    pub logit_rows: usize,
-}
-
-/// What one step did. It borrows the engine's buffers: read (or copy) what you need
-/// before the next call that changes the engine.
-#[derive(Debug, Clone, Copy)]
-pub struct StepOutput<'a> {
-    /// One entry per thread that ran, in batch order.
-    pub threads: &'a [ThreadOutput],
-    /// Rows in the fused batch.
-    pub rows: usize,
-    /// Threads preempted (their tokens queued for recompute) to make room.
-    pub preempted: &'a [ThreadId],
-    /// Threads with queued tokens that did not fit this step (free blocks or token budget).
-    pub waiting: &'a [ThreadId],
-    /// `[logit rows, vocab]`: every logits row of the step, threads in batch order.
-    pub logits: &'a [f32],
-    /// Vocabulary size (the length of one logits row).
-    pub vocab: usize,
-}
-
-impl<'a> StepOutput<'a> {
-    /// The logits rows of `t` (one `[vocab]` slice each), in feeding order.
-    pub fn logits_of(&self, t: &ThreadOutput) -> impl ExactSizeIterator<Item = &'a [f32]> {
-        let (a, b) = (
-            t.first_logit * self.vocab,
-            (t.first_logit + t.logit_rows) * self.vocab,
-        );
-        self.logits[a..b].chunks_exact(self.vocab.max(1))
-    }
-
-    /// The last logits row of `t` (its next-token distribution), if it has one.
-    pub fn last_logits(&self, t: &ThreadOutput) -> Option<&'a [f32]> {
-        self.logits_of(t).last()
-    }
-}
-
 /// A thread admitted to this step: `n` tokens, rows `first_row ..`.
 #[derive(Debug, Clone, Copy)]
 struct Admitted {
@@ -117,29 +79,6 @@ struct StepBuffers {
     waiting: Vec<ThreadId>,
     /// `[logit rows, vocab]`.
     logits: Vec<f32>,
-}
-
-/// Counters over the engine's life.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct EngineStats {
-    pub steps: u64,
-    /// Most blocks in use at once.
-    pub blocks_peak: usize,
-    /// Most blocks a cache with one private copy per thread would have needed at once.
-    pub blocks_without_sharing: usize,
-    /// K/V tokens read by attention, summed over steps and layers.
-    pub kv_tokens_read: u64,
-    /// The same for a per-thread (naive) kernel.
-    pub kv_tokens_read_naive: u64,
-    /// Most threads in one step's batch.
-    pub peak_width: usize,
-    /// Block copies made by copy-on-write.
-    pub cow_copies: u64,
-    /// Preemptions under memory pressure.
-    pub preemptions: u64,
-    /// Those of them that hit a thread after it had joined children by KV reuse (the case
-    /// where the merged children's cache must survive the preemption).
-    pub preemptions_after_reuse_join: u64,
 }
 
 /// Threads, block pool and backend.
@@ -651,160 +590,13 @@ impl<B: Backend> Engine<B> {
     /// the oldest waiting thread's next tokens do not fit in the pool (nothing is lost:
     /// cancel or finish something and step again); a backend's error (device failure).
     pub fn step(&mut self) -> Result<StepOutput<'_>> {
-        let bs = self.pool.block_size();
-        let buf = &mut self.buf;
-        buf.candidates.clear();
-        buf.batch.clear();
-        buf.outputs.clear();
-        buf.preempted.clear();
-        buf.waiting.clear();
-        let input = &mut buf.input;
-        input.tokens.clear();
-        input.positions.clear();
-        input.slots.clear();
-        input.logit_rows.clear();
-        input.copies.clear();
-        for &id in &self.live {
-            let t = &self.threads[id];
-            if t.state == ThreadState::Active && !t.pending.is_empty() {
-                buf.candidates.push(id);
-            }
-        }
-        if buf.candidates.is_empty() {
+        if !self.admit()? {
             // An empty step: its plan is the empty plan, not the last step's.
             self.planner
-                .step(&[], self.threads.as_slice(), &mut input.plan);
+                .step(&[], self.threads.as_slice(), &mut self.buf.input.plan);
             return Ok(self.output(0));
         }
-        // Admission: oldest first, within the step's token budget and the free blocks.
-        // A pass that admits nobody preempts one thread and starts over, so every pass
-        // starts with an empty batch.
-        loop {
-            let mut budget = self.cfg.max_step_tokens.max(1);
-            for &id in &buf.candidates {
-                if budget == 0 {
-                    break;
-                }
-                let t = &mut self.threads[id];
-                let n = t
-                    .pending
-                    .len()
-                    .min(self.cfg.prefill_chunk.max(1))
-                    .min(budget);
-                if t.view.append_into(
-                    n,
-                    &mut self.pool,
-                    &mut input.copies,
-                    self.cfg.shared_tail,
-                    &mut input.slots,
-                ) {
-                    budget -= n;
-                    buf.batch.push(Admitted {
-                        id,
-                        n,
-                        first_row: 0,
-                    });
-                }
-            }
-            if !buf.batch.is_empty() {
-                break;
-            }
-            // Nothing fits: preempt the youngest thread that holds blocks of its own.
-            let first = buf.candidates[0];
-            let victim = self.live.iter().rev().copied().find(|&id| {
-                let t = &self.threads[id];
-                t.state == ThreadState::Active && t.view.len() > t.pinned_len && id != first
-            });
-            match victim {
-                Some(v) => {
-                    preempt(&mut self.threads[v], &mut self.pool, &mut self.stats);
-                    buf.preempted.push(v);
-                }
-                None => {
-                    return Err(SpindleError::ThreadDoesNotFit {
-                        thread: first,
-                        request: self.threads[first].request,
-                        free: self.pool.num_free(),
-                        block_size: bs,
-                    });
-                }
-            }
-        }
-        // Who waits: the candidates not admitted (the batch is a subsequence of them).
-        let mut admitted = buf.batch.iter().map(|a| a.id).peekable();
-        for &id in &buf.candidates {
-            if admitted.peek() == Some(&id) {
-                admitted.next();
-            } else {
-                buf.waiting.push(id);
-            }
-        }
-        // The step's rows.
-        for a in buf.batch.iter_mut() {
-            let t = &mut self.threads[a.id];
-            a.first_row = input.tokens.len() as u32;
-            let first_logit = input.logit_rows.len();
-            for _ in 0..a.n {
-                let Some(p) = t.pending.pop_front() else {
-                    break;
-                };
-                let row = input.tokens.len() as u32;
-                input.tokens.push(p.token);
-                input.positions.push(p.pos);
-                t.ctx_tokens.push(p.token);
-                t.ctx_pos.push(p.pos);
-                if p.emit {
-                    t.tokens_fed += 1;
-                }
-                // Logits for every fed token, or only for the next-token distribution.
-                if p.emit && (t.all_logits || t.pending.is_empty()) {
-                    input.logit_rows.push(row);
-                }
-            }
-            buf.outputs.push(ThreadOutput {
-                thread: a.id,
-                fed: a.n,
-                first_logit,
-                logit_rows: input.logit_rows.len() - first_logit,
-            });
-        }
-        if cfg!(debug_assertions) || self.cfg.check_invariants {
-            for &slot in &input.slots {
-                let block = slot / bs as u32;
-                assert_eq!(
-                    self.pool.refcount(block),
-                    1,
-                    "engine invariant violated: block {block} written while shared"
-                );
-            }
-        }
-        buf.plan_inputs.clear();
-        buf.plan_inputs.extend(buf.batch.iter().map(|a| PlanInput {
-            key: a.id,
-            first_row: a.first_row,
-            rows: a.n as u32,
-        }));
-        self.planner
-            .step(&buf.plan_inputs, self.threads.as_slice(), &mut input.plan);
-        // Counters: a per-thread kernel reads each thread's whole view.
-        let naive: u64 = buf
-            .batch
-            .iter()
-            .map(|a| self.threads[a.id].view.len() as u64)
-            .sum();
-        let layers = self.backend.config().num_layers as u64;
-        self.stats.kv_tokens_read += input.plan.kv_tokens_read * layers;
-        self.stats.kv_tokens_read_naive += naive * layers;
-        self.stats.cow_copies += input.copies.len() as u64;
-        self.stats.steps += 1;
-        self.stats.peak_width = self.stats.peak_width.max(buf.batch.len());
-        let private: usize = self
-            .live
-            .iter()
-            .map(|&id| self.threads[id].view.len().div_ceil(bs))
-            .sum();
-        self.stats.blocks_without_sharing = self.stats.blocks_without_sharing.max(private);
-
+        self.build_batch();
         model::forward(&mut self.backend, &self.buf.input, &mut self.buf.logits)?;
         self.after_change();
         let rows = self.buf.input.tokens.len();
@@ -843,113 +635,6 @@ impl<B: Backend> Engine<B> {
             vocab: self.backend.config().vocab_size,
         }
     }
-
-    /// With [`EngineConfig::check_invariants`], checks them and panics on a violation (an
-    /// engine bug, never a user's mistake).
-    fn after_change(&self) {
-        if self.cfg.check_invariants {
-            if let Err(e) = self.check_invariants() {
-                panic!("engine invariant violated: {e}");
-            }
-        }
-    }
-
-    /// Checks the engine's invariants: reference counts equal the views that hold each
-    /// block; every chunk lies inside its block and a view's length is the sum of its
-    /// chunks; retired threads hold nothing; the thread tree is consistent (a child's
-    /// parent lists it and waits, a parent with children waits, requests match); with no
-    /// live thread, every block is free. (No write into a shared block is checked at each
-    /// step.)
-    pub fn check_invariants(&self) -> std::result::Result<(), String> {
-        self.check_refcounts()?;
-        let bs = self.pool.block_size() as u32;
-        for t in &self.threads {
-            let id = t.id;
-            if t.state == ThreadState::Retired {
-                if !t.view.is_empty() || !t.pending.is_empty() || self.live.contains(&id) {
-                    return Err(format!("retired thread {id} still holds blocks or work"));
-                }
-                continue;
-            }
-            if !self.live.contains(&id) {
-                return Err(format!("thread {id} is {:?} but not live", t.state));
-            }
-            let mut len = 0usize;
-            for c in t.view.chunk_iter() {
-                if c.len == 0 || c.start + c.len > bs {
-                    return Err(format!("thread {id}: chunk {c:?} outside its block"));
-                }
-                len += c.len as usize;
-            }
-            if len != t.view.len() || t.view.len() > t.ctx_tokens.len() {
-                return Err(format!(
-                    "thread {id}: view of {} tokens, chunks hold {len}, context {}",
-                    t.view.len(),
-                    t.ctx_tokens.len()
-                ));
-            }
-            if t.ctx_tokens.len() != t.ctx_pos.len() || t.pinned_len > t.ctx_tokens.len() {
-                return Err(format!(
-                    "thread {id}: context tokens, positions and pin disagree"
-                ));
-            }
-            match t.parent {
-                None if t.request != id => {
-                    return Err(format!("root {id} names request {}", t.request))
-                }
-                None => {}
-                Some(p) => {
-                    let parent = &self.threads[p];
-                    if parent.state != ThreadState::Waiting
-                        || !parent.children.contains(&id)
-                        || parent.request != t.request
-                    {
-                        return Err(format!(
-                            "child {id}: parent {p} is {:?} and does not list it",
-                            parent.state
-                        ));
-                    }
-                }
-            }
-            if !t.children.is_empty() && t.state != ThreadState::Waiting {
-                return Err(format!("thread {id} has children but is {:?}", t.state));
-            }
-            if let Some(&c) = t
-                .children
-                .iter()
-                .find(|&&c| self.threads[c].parent != Some(id))
-            {
-                return Err(format!("thread {id} lists child {c}, whose parent differs"));
-            }
-        }
-        if self.live.is_empty() && !self.pool.all_free() {
-            return Err(format!(
-                "no live thread but {} blocks in use",
-                self.pool.num_used()
-            ));
-        }
-        Ok(())
-    }
-
-    /// Recounts every block reference from the live views and compares with the pool
-    /// (a consistency check for tests).
-    pub fn check_refcounts(&self) -> std::result::Result<(), String> {
-        let mut counts = vec![0u32; self.pool.num_blocks()];
-        for t in &self.threads {
-            for b in t.view.block_occurrences() {
-                counts[b as usize] += 1;
-            }
-        }
-        for (b, &c) in counts.iter().enumerate() {
-            if self.pool.refcount(b as u32) != c {
-                return Err(format!(
-                    "block {b}: pool says {} references, views hold {c}",
-                    self.pool.refcount(b as u32)
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Checks that `n` tokens fed from position `next` stay within [`MAX_POSITION`].
@@ -983,31 +668,6 @@ fn wrong_state(t: &Thread, op: Operation, needs: &'static str) -> SpindleError {
         state: t.state,
         queued: t.pending.len(),
         needs,
-    }
-}
-
-/// Preemption by recompute: drops the thread's own cached tokens past its pinned length and
-/// queues them again (with their positions) before its queued ones, so nothing is lost.
-fn preempt(t: &mut Thread, pool: &mut BlockPool, stats: &mut EngineStats) {
-    let keep = t.pinned_len;
-    let requeue = t.ctx_tokens[keep..]
-        .iter()
-        .zip(&t.ctx_pos[keep..])
-        .rev()
-        .map(|(&token, &pos)| Pending {
-            token,
-            pos,
-            emit: false,
-        });
-    for p in requeue {
-        t.pending.push_front(p);
-    }
-    t.view.truncate(keep, pool);
-    t.ctx_tokens.truncate(keep);
-    t.ctx_pos.truncate(keep);
-    stats.preemptions += 1;
-    if t.reuse_joins > 0 {
-        stats.preemptions_after_reuse_join += 1;
     }
 }
 

@@ -1,0 +1,81 @@
+//! Building a step's batch from the admitted threads: its rows (tokens, positions, slots,
+//! which rows want logits), the attention plan, and the step's counters.
+
+use super::{Engine, ThreadOutput};
+use crate::backend::Backend;
+use crate::plan::PlanInput;
+
+impl<B: Backend> Engine<B> {
+    /// Fills the step input from `buf.batch`: one row per token, the plan (updated in
+    /// place when it can be), and the counters.
+    pub(super) fn build_batch(&mut self) {
+        let bs = self.pool.block_size();
+        let buf = &mut self.buf;
+        let input = &mut buf.input;
+        // The step's rows.
+        for a in buf.batch.iter_mut() {
+            let t = &mut self.threads[a.id];
+            a.first_row = input.tokens.len() as u32;
+            let first_logit = input.logit_rows.len();
+            for _ in 0..a.n {
+                let Some(p) = t.pending.pop_front() else {
+                    break;
+                };
+                let row = input.tokens.len() as u32;
+                input.tokens.push(p.token);
+                input.positions.push(p.pos);
+                t.ctx_tokens.push(p.token);
+                t.ctx_pos.push(p.pos);
+                if p.emit {
+                    t.tokens_fed += 1;
+                }
+                // Logits for every fed token, or only for the next-token distribution.
+                if p.emit && (t.all_logits || t.pending.is_empty()) {
+                    input.logit_rows.push(row);
+                }
+            }
+            buf.outputs.push(ThreadOutput {
+                thread: a.id,
+                fed: a.n,
+                first_logit,
+                logit_rows: input.logit_rows.len() - first_logit,
+            });
+        }
+        if cfg!(debug_assertions) || self.cfg.check_invariants {
+            for &slot in &input.slots {
+                let block = slot / bs as u32;
+                assert_eq!(
+                    self.pool.refcount(block),
+                    1,
+                    "engine invariant violated: block {block} written while shared"
+                );
+            }
+        }
+        buf.plan_inputs.clear();
+        buf.plan_inputs.extend(buf.batch.iter().map(|a| PlanInput {
+            key: a.id,
+            first_row: a.first_row,
+            rows: a.n as u32,
+        }));
+        self.planner
+            .step(&buf.plan_inputs, self.threads.as_slice(), &mut input.plan);
+        // Counters: a per-thread kernel reads each thread's whole view.
+        let naive: u64 = buf
+            .batch
+            .iter()
+            .map(|a| self.threads[a.id].view.len() as u64)
+            .sum();
+        let layers = self.backend.config().num_layers as u64;
+        self.stats.kv_tokens_read += input.plan.kv_tokens_read * layers;
+        self.stats.kv_tokens_read_naive += naive * layers;
+        self.stats.cow_copies += input.copies.len() as u64;
+        self.stats.steps += 1;
+        self.stats.peak_width = self.stats.peak_width.max(buf.batch.len());
+        let private: usize = self
+            .live
+            .iter()
+            .map(|&id| self.threads[id].view.len().div_ceil(bs))
+            .sum();
+        self.stats.blocks_without_sharing = self.stats.blocks_without_sharing.max(private);
+    }
+}
