@@ -60,7 +60,7 @@ pub struct Thread {
     pub ctx_pos: Vec<u32>,
     /// Position the next fed token gets.
     pub next_pos: u32,
-    /// Context length and position when this thread was forked (its own part starts there).
+    /// Context length when this thread was forked (its own part starts there).
     pub fork_len: usize,
     /// Leading context tokens this thread cannot recompute as one sequence of its own: the
     /// shared prefix, and everything up to its last KV-reuse join (children's K/V were
@@ -68,7 +68,6 @@ pub struct Thread {
     pub pinned_len: usize,
     /// KV-reuse joins this thread has made (children's caches merged into its context).
     pub reuse_joins: u32,
-    pub fork_pos: u32,
     /// Tokens queued for the next steps.
     pub pending: VecDeque<Pending>,
     /// Tokens handed back at a re-prefill join instead of the transcript (APR).

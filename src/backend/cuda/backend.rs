@@ -15,7 +15,7 @@
 //!   chunk) the step runs `prefill_attention` over groups of such rows, otherwise the
 //!   split-KV paged decode kernel, one row per CSR entry. Both are per-thread kernels: a
 //!   shared prefix is read once per row (decode) or per group (prefill), not once per step
-//!   as the plan's items would allow; the forked kernel of design-notes section 3 is the
+//!   as the plan's items would allow; the forked kernel (docs/design.md, section 4) is the
 //!   next step and will take the plan's items directly.
 //! - Activations are [`DevMat`]: `[rows, cols]` bf16 on the device. Logits are computed in
 //!   f32 by the lm_head GEMM for the gathered `logit_rows` only and copied to the host.

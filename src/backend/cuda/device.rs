@@ -1,5 +1,5 @@
 //! Device selection: probes for the CUDA driver library before touching cudarc (whose
-//! `CudaContext::new` panics when libcuda is absent, design-notes section 4), then owns the
+//! `CudaContext::new` panics when libcuda is absent; docs/gpu.md, section 4), then owns the
 //! context and the one stream every kernel and cuBLAS call of the backend is issued on.
 
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! Safe wrappers over the kernel launchers of `kernels/spindle_kernels.h`, one per
-//! launcher (mistral.rs style, design-notes section 5): each checks every length against
+//! launcher (mistral.rs style, docs/gpu.md section 4): each checks every length against
 //! the shapes it is given and returns `Err(CudaError::Shape)` before launching, then makes
 //! the one `unsafe` FFI call. Indices held in device memory (chunk lists, slots, block
 //! pairs, tile plans, token ids) cannot be checked here; the kernels bounds-check them and
@@ -54,7 +54,7 @@ pub struct KvCache<'a> {
     pub shape: CacheShape,
 }
 
-/// Chunk lists in CSR form (design-notes section 2): entry i of `indptr` starts the chunks
+/// Chunk lists in CSR form (docs/gpu.md, section 3): entry i of `indptr` starts the chunks
 /// of row (decode) or group (prefill) i; chunk c is `len[c]` consecutive slots from slot
 /// `start[c]` of block `block[c]`, never crossing the block.
 pub struct Chunks<'a> {
