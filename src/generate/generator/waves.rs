@@ -1,0 +1,167 @@
+//! Starting a fork's children in waves: as many as the free KV blocks allow (each planned
+//! at its prime plus its planned growth), the rest when running siblings end.
+
+use super::*;
+
+impl<B: Backend> Generator<B> {
+    pub(super) fn push_waves(&mut self, parent: ThreadId, started: &[ThreadId]) {
+        let Some(c) = self.ctl.get(&parent) else {
+            return;
+        };
+        let Some(fs) = &c.fork else { return };
+        let bs = self.engine.pool().block_size();
+        let prime = fs
+            .spec
+            .children
+            .iter()
+            .map(|ch| ch.prime.len())
+            .max()
+            .unwrap_or(0);
+        let running = fs.children[..fs.started]
+            .iter()
+            .filter(|k| self.ctl.get(k).is_some_and(|k| !k.done))
+            .count();
+        self.events.push(Event::Waves {
+            request: c.request,
+            parent,
+            children: fs.children.len(),
+            running,
+            started: started.to_vec(),
+            free_blocks: self.engine.pool().num_free(),
+            blocks_per_child: self.policy.blocks_per_child(prime, bs),
+        });
+    }
+
+    /// Blocks that running children may still claim under the policy's plan.
+    pub(super) fn outstanding_blocks(&self) -> usize {
+        let bs = self.engine.pool().block_size();
+        self.ctl
+            .iter()
+            .filter(|(_, c)| c.started && !c.done && c.role != Role::Root && c.fork.is_none())
+            .map(|(&id, c)| {
+                let held = self
+                    .engine
+                    .thread(id)
+                    .map(|t| t.view.len().saturating_sub(t.fork_len).div_ceil(bs))
+                    .unwrap_or(0);
+                self.policy
+                    .blocks_per_child(c.prime.len(), bs)
+                    .saturating_sub(held)
+            })
+            .sum()
+    }
+
+    /// Starts as many of `parent`'s waiting children as free blocks allow (at least one when
+    /// none of them is running, so a fork always progresses). When the request's budget
+    /// is spent, waiting children end at once without running.
+    pub(super) fn start_children(&mut self, parent: ThreadId) -> Result<Vec<ThreadId>> {
+        let bs = self.engine.pool().block_size();
+        let Some(c) = self.ctl.get(&parent) else {
+            return Ok(Vec::new());
+        };
+        let Some(fs) = &c.fork else {
+            return Ok(Vec::new());
+        };
+        let request = c.request;
+        let waiting: Vec<ThreadId> = fs.children[fs.started..].to_vec();
+        if waiting.is_empty() {
+            return Ok(Vec::new());
+        }
+        let running = fs.children[..fs.started]
+            .iter()
+            .filter(|k| self.ctl.get(k).is_some_and(|k| !k.done))
+            .count();
+        let empty: Vec<ThreadId> = waiting
+            .iter()
+            .copied()
+            .filter(|k| self.ctl.get(k).is_some_and(|kc| kc.allowance == 0))
+            .collect();
+        if empty.len() == waiting.len() {
+            // Nothing to spend: the waiting children end empty.
+            for &k in &waiting {
+                if let Some(fs) = self.ctl.get_mut(&parent).and_then(|c| c.fork.as_mut()) {
+                    fs.started += 1;
+                }
+                if let Some(kc) = self.ctl.get_mut(&k) {
+                    kc.started = true;
+                }
+                self.trace
+                    .thread_start(request, k, self.span_name(k), self.steps);
+                self.end_child(k, Some(Vec::new()), EndReason::Budget)?;
+            }
+            return Ok(Vec::new());
+        }
+        let free = self.engine.pool().num_free();
+        let available = free
+            .saturating_sub(self.policy.reserve_blocks)
+            .saturating_sub(self.outstanding_blocks());
+        let mut started = Vec::new();
+        let mut left = available;
+        for &k in &waiting {
+            let prime_len = self.ctl.get(&k).map_or(0, |kc| kc.prime.len());
+            let need = self.policy.blocks_per_child(prime_len, bs);
+            let forced = running == 0 && started.is_empty();
+            if need > left && !forced {
+                break;
+            }
+            left = left.saturating_sub(need);
+            let prime = self
+                .ctl
+                .get(&k)
+                .map(|kc| kc.prime.clone())
+                .unwrap_or_default();
+            self.engine.feed(k, &prime)?;
+            if let Some(kc) = self.ctl.get_mut(&k) {
+                kc.started = true;
+            }
+            if let Some(fs) = self.ctl.get_mut(&parent).and_then(|c| c.fork.as_mut()) {
+                fs.started += 1;
+            }
+            self.trace
+                .thread_start(request, k, self.span_name(k), self.steps);
+            started.push(k);
+        }
+        Ok(started)
+    }
+
+    pub(super) fn span_name(&self, id: ThreadId) -> String {
+        match self.ctl.get(&id) {
+            Some(c) => format!("[{}] t{id}", path_label(&c.path)),
+            None => format!("t{id}"),
+        }
+    }
+
+    /// Starts waiting children wherever they now fit.
+    pub(super) fn start_waves(&mut self) -> Result<bool> {
+        let parents: Vec<ThreadId> = self
+            .ctl
+            .iter()
+            .filter(|(_, c)| {
+                !c.done
+                    && c.fork
+                        .as_ref()
+                        .is_some_and(|f| f.started < f.children.len())
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let mut changed = false;
+        for p in parents {
+            let before = self
+                .ctl
+                .get(&p)
+                .and_then(|c| c.fork.as_ref())
+                .map_or(0, |f| f.started);
+            let started = self.start_children(p)?;
+            if !started.is_empty() {
+                self.push_waves(p, &started);
+            }
+            let after = self
+                .ctl
+                .get(&p)
+                .and_then(|c| c.fork.as_ref())
+                .map_or(0, |f| f.started);
+            changed |= after != before;
+        }
+        Ok(changed)
+    }
+}
