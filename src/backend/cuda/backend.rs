@@ -25,165 +25,30 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut, DriverError};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DriverError};
 use half::bf16;
 use model_loader::{Checkpoint, ModelConfig};
 
+pub use super::devmat::DevMat;
 use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, KvCache};
+use super::lowering::host_attention;
+pub use super::pool::{CudaOptions, KvPoolSize, PoolInfo};
+use super::weights::{to_i32, upload, DLayer, DLinear, Loader};
 use super::{Blas, CudaError, Gpu};
 use crate::backend::{Backend, LayerWeight, StepInput, Weight};
 use crate::error::{Result, SpindleError};
 
 /// Maps a cudarc driver error into the crate's error type.
-fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
+pub(super) fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
     r.map_err(|e| SpindleError::from(CudaError::from(e)))
 }
 
-fn backend_err(msg: impl Into<String>) -> SpindleError {
+pub(super) fn backend_err(msg: impl Into<String>) -> SpindleError {
     SpindleError::Backend(msg.into())
 }
 
-/// A `[rows, cols]` bf16 activation buffer on the device.
-///
-/// The allocation holds at least one element (CUDA refuses empty allocations), so always
-/// go through [`DevMat::view`] / [`DevMat::view_mut`], which are exactly `rows * cols` long.
-pub struct DevMat {
-    /// Rows (one per step token).
-    pub rows: usize,
-    /// Columns.
-    pub cols: usize,
-    buf: CudaSlice<bf16>,
-}
-
-impl DevMat {
-    fn zeros(stream: &Arc<CudaStream>, rows: usize, cols: usize) -> Result<Self> {
-        let buf = drv(stream.alloc_zeros::<bf16>((rows * cols).max(1)))?;
-        Ok(Self { rows, cols, buf })
-    }
-
-    /// Elements (`rows * cols`).
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    /// Whether the matrix has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The `rows * cols` elements.
-    pub fn view(&self) -> CudaView<'_, bf16> {
-        self.buf.slice(0..self.len())
-    }
-
-    /// The `rows * cols` elements, writable.
-    pub fn view_mut(&mut self) -> CudaViewMut<'_, bf16> {
-        let n = self.len();
-        self.buf.slice_mut(0..n)
-    }
-
-    /// Host copy, widened to f32 (for tests and debugging; synchronises the stream).
-    pub fn to_host_f32(&self) -> Result<Vec<f32>> {
-        let stream = self.buf.stream().clone();
-        let v = drv(stream.clone_dtoh(&self.view()))?;
-        Ok(v.into_iter().map(f32::from).collect())
-    }
-}
-
-/// How many K/V blocks the backend allocates.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KvPoolSize {
-    /// Exactly this many blocks.
-    Blocks(usize),
-    /// This fraction (0, 1] of the device memory free after the weights are uploaded.
-    FreeFraction(f64),
-}
-
-/// Options of [`CudaBackend::load`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct CudaOptions {
-    /// CUDA device ordinal.
-    pub device: usize,
-    /// Tokens per KV block.
-    pub block_size: usize,
-    /// Size of the K/V pool.
-    pub pool: KvPoolSize,
-    /// Tokens per split of the decode kernel (split-KV).
-    pub partition_size: usize,
-    /// Run groups of consecutive rows sharing a chunk list (prefill chunks) through the
-    /// prefill kernel; `false`: the decode kernel for every row.
-    pub use_prefill_kernel: bool,
-}
-
-impl Default for CudaOptions {
-    fn default() -> Self {
-        Self {
-            device: 0,
-            block_size: 16,
-            pool: KvPoolSize::FreeFraction(0.9),
-            partition_size: 512,
-            use_prefill_kernel: true,
-        }
-    }
-}
-
-/// What [`CudaBackend::load`] chose for the K/V pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolInfo {
-    /// Blocks allocated.
-    pub num_blocks: usize,
-    /// Tokens per block.
-    pub block_size: usize,
-    /// Bytes of one block over all layers, K and V.
-    pub bytes_per_block: usize,
-    /// Bytes of weights uploaded.
-    pub weight_bytes: usize,
-    /// Device memory free after the weights, before the pool (bytes).
-    pub free_after_weights: usize,
-    /// Total device memory (bytes).
-    pub total: usize,
-}
-
-impl std::fmt::Display for PoolInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const GIB: f64 = (1u64 << 30) as f64;
-        write!(
-            f,
-            "KV pool: {} blocks x {} tokens ({:.2} GiB; {} B/block over all layers), weights {:.2} GiB, free after weights {:.2} of {:.2} GiB",
-            self.num_blocks,
-            self.block_size,
-            (self.num_blocks * self.bytes_per_block) as f64 / GIB,
-            self.bytes_per_block,
-            self.weight_bytes as f64 / GIB,
-            self.free_after_weights as f64 / GIB,
-            self.total as f64 / GIB,
-        )
-    }
-}
-
-struct DLinear {
-    w: CudaSlice<bf16>, // [out, inp]
-    bias: Option<CudaSlice<bf16>>,
-    out: usize,
-    inp: usize,
-}
-
-struct DLayer {
-    input_norm: CudaSlice<bf16>,
-    q: DLinear,
-    k: DLinear,
-    v: DLinear,
-    o: DLinear,
-    q_norm: Option<CudaSlice<bf16>>,
-    k_norm: Option<CudaSlice<bf16>>,
-    post_norm: CudaSlice<bf16>,
-    gate: DLinear,
-    up: DLinear,
-    down: DLinear,
-}
-
 /// Which attention kernel a step uses, with its device arrays.
-enum AttnLaunch {
+pub(super) enum AttnLaunch {
     /// One CSR entry per row.
     Decode { max_view: usize },
     /// Rows in groups sharing one chunk list; tiles planned on the host.
@@ -198,7 +63,7 @@ enum AttnLaunch {
 
 /// The current step's inputs on the device. Buffers hold at least one element; the
 /// lengths are kept alongside.
-struct StepBufs {
+pub(super) struct StepBufs {
     rows: usize,
     tokens: CudaSlice<i32>,
     positions: CudaSlice<i32>,
@@ -234,58 +99,6 @@ pub struct CudaBackend {
     dummy: CudaSlice<bf16>,
     step: Option<StepBufs>,
     kv_tokens_read: u64,
-}
-
-/// Uploads a host vector (at least one element allocated).
-fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy>(
-    stream: &Arc<CudaStream>,
-    host: &[T],
-) -> Result<CudaSlice<T>> {
-    if host.is_empty() {
-        return drv(stream.alloc_zeros::<T>(1));
-    }
-    drv(stream.clone_htod(host))
-}
-
-fn to_i32(what: &str, v: u32) -> Result<i32> {
-    i32::try_from(v).map_err(|_| backend_err(format!("{what} {v} exceeds i32")))
-}
-
-struct Loader<'a> {
-    ck: &'a Checkpoint,
-    stream: &'a Arc<CudaStream>,
-    bytes: usize,
-}
-
-impl Loader<'_> {
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<CudaSlice<bf16>> {
-        let t = self.ck.tensor(name)?;
-        if t.shape != shape {
-            return Err(backend_err(format!(
-                "{name}: shape {:?}, expected {shape:?}",
-                t.shape
-            )));
-        }
-        let data = t.to_bf16();
-        if data.len() != shape.iter().product::<usize>() || data.is_empty() {
-            return Err(backend_err(format!(
-                "{name}: {} elements for shape {shape:?}",
-                data.len()
-            )));
-        }
-        self.bytes += data.len() * 2;
-        drv(self.stream.clone_htod(&data))
-    }
-
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<DLinear> {
-        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias {
-            Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(DLinear { w, bias, out, inp })
-    }
 }
 
 impl CudaBackend {
@@ -537,173 +350,6 @@ impl CudaBackend {
         }
         Ok(rows)
     }
-}
-
-/// Host-side attention arrays of one step, derived from the plan.
-struct HostAttn {
-    /// Per entry (row or group): its chunk list.
-    indptr: Vec<i32>,
-    block: Vec<i32>,
-    start: Vec<i32>,
-    len: Vec<i32>,
-    row_limit: Vec<i32>,
-    /// `Some(q_indptr)` when rows are grouped for the prefill kernel.
-    groups: Option<Vec<i32>>,
-    /// Sum over entries of the visible view length (logical K/V tokens read).
-    logical_tokens: u64,
-    max_view: usize,
-}
-
-type ChunkTriple = (i32, i32, i32);
-
-/// Row r's chunks: the chunks of its items in `row_partials` (view) order.
-fn row_chunk_lists(
-    step: &StepInput,
-    num_blocks: usize,
-    block_size: usize,
-) -> Result<Vec<Vec<ChunkTriple>>> {
-    let plan = &step.plan;
-    let bad = |what: &str| backend_err(format!("malformed attention plan: {what}"));
-    let items = plan.num_items();
-    if plan.item_chunk_ptr.len() != items + 1
-        || plan.item_row_ptr.len() != items + 1
-        || plan.row_partial_ptr.len() != plan.num_rows + 1
-        || plan.row_limit.len() != plan.num_rows
-    {
-        return Err(bad("CSR array lengths"));
-    }
-    let mut partial_item = vec![u32::MAX; plan.item_rows.len()];
-    for i in 0..items {
-        let (a, b) = (
-            plan.item_row_ptr[i] as usize,
-            plan.item_row_ptr[i + 1] as usize,
-        );
-        let slots = partial_item
-            .get_mut(a..b)
-            .ok_or_else(|| bad("item_row_ptr"))?;
-        slots.fill(i as u32);
-    }
-    let mut out = Vec::with_capacity(plan.num_rows);
-    for r in 0..plan.num_rows {
-        let (a, b) = (
-            plan.row_partial_ptr[r] as usize,
-            plan.row_partial_ptr[r + 1] as usize,
-        );
-        let ps = plan
-            .row_partials
-            .get(a..b)
-            .ok_or_else(|| bad("row_partial_ptr"))?;
-        let mut list = Vec::new();
-        for &p in ps {
-            let item = *partial_item
-                .get(p as usize)
-                .ok_or_else(|| bad("row_partials"))?;
-            if item == u32::MAX || plan.item_rows[p as usize] as usize != r {
-                return Err(bad("partial not served to its row"));
-            }
-            let (ca, cb) = (
-                plan.item_chunk_ptr[item as usize] as usize,
-                plan.item_chunk_ptr[item as usize + 1] as usize,
-            );
-            for c in plan
-                .chunks
-                .get(ca..cb)
-                .ok_or_else(|| bad("item_chunk_ptr"))?
-            {
-                if c.block as usize >= num_blocks || c.start as usize + c.len as usize > block_size
-                {
-                    return Err(bad(&format!(
-                        "chunk {c:?} outside the pool ({num_blocks} blocks of {block_size})"
-                    )));
-                }
-                list.push((c.block as i32, c.start as i32, c.len as i32));
-            }
-        }
-        out.push(list);
-    }
-    Ok(out)
-}
-
-fn host_attention(
-    step: &StepInput,
-    num_blocks: usize,
-    block_size: usize,
-    group_rows: bool,
-) -> Result<HostAttn> {
-    let lists = row_chunk_lists(step, num_blocks, block_size)?;
-    let limits: Vec<usize> = step.plan.row_limit.iter().map(|&l| l as usize).collect();
-    for (r, (list, &lim)) in lists.iter().zip(&limits).enumerate() {
-        let view: usize = list.iter().map(|c| c.2 as usize).sum();
-        if view < lim {
-            return Err(backend_err(format!(
-                "malformed attention plan: row {r} sees {lim} tokens but its items hold {view}"
-            )));
-        }
-    }
-    let row_limit = limits
-        .iter()
-        .map(|&l| to_i32("row_limit", l as u32))
-        .collect::<Result<Vec<_>>>()?;
-    let max_view = limits.iter().copied().max().unwrap_or(0);
-    // Groups: maximal runs of consecutive rows whose lists are prefixes of one another (the
-    // group reads the longest; each row's limit masks the rest).
-    let mut entries: Vec<(usize, usize, usize)> = Vec::new(); // (first row, end row, list row)
-    let mut r = 0;
-    while r < lists.len() {
-        let (mut end, mut longest) = (r + 1, r);
-        while group_rows && end < lists.len() {
-            let (a, b) = (&lists[longest], &lists[end]);
-            let prefix = if a.len() <= b.len() {
-                b.starts_with(a)
-            } else {
-                a.starts_with(b)
-            };
-            if !prefix {
-                break;
-            }
-            if b.len() > a.len() {
-                longest = end;
-            }
-            end += 1;
-        }
-        entries.push((r, end, longest));
-        r = end;
-    }
-    let grouped = group_rows && entries.iter().any(|&(a, b, _)| b - a > 1);
-    let mut h = HostAttn {
-        indptr: vec![0],
-        block: Vec::new(),
-        start: Vec::new(),
-        len: Vec::new(),
-        row_limit,
-        groups: None,
-        logical_tokens: 0,
-        max_view,
-    };
-    let push_list = |h: &mut HostAttn, list: &[ChunkTriple]| -> Result<()> {
-        for &(b, s, l) in list {
-            h.block.push(b);
-            h.start.push(s);
-            h.len.push(l);
-        }
-        h.indptr.push(to_i32("num_chunks", h.block.len() as u32)?);
-        Ok(())
-    };
-    if grouped {
-        let mut q_indptr = vec![0i32];
-        for &(a, b, longest) in &entries {
-            push_list(&mut h, &lists[longest])?;
-            q_indptr.push(b as i32);
-            h.logical_tokens += limits[a..b].iter().copied().max().unwrap_or(0) as u64;
-        }
-        h.groups = Some(q_indptr);
-    } else {
-        for (list, &lim) in lists.iter().zip(&limits) {
-            push_list(&mut h, list)?;
-            h.logical_tokens += lim as u64;
-        }
-    }
-    Ok(h)
 }
 
 impl Backend for CudaBackend {
@@ -1091,102 +737,5 @@ impl Backend for CudaBackend {
             .linear::<f32>(&sel.view(), w, &mut out, m, vocab, hidden, false)?;
         *host = drv(stream.clone_dtoh(&out))?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kv::Chunk;
-    use crate::plan::{AttentionMode, AttentionPlan, PlanThread};
-
-    fn chunk(block: u32, start: u32, len: u32) -> Chunk {
-        Chunk { block, start, len }
-    }
-
-    fn step_of(threads: &[PlanThread], mode: AttentionMode, split: usize) -> StepInput {
-        let plan = AttentionPlan::build(threads, mode, split);
-        let n = plan.num_rows;
-        StepInput {
-            tokens: vec![0; n],
-            positions: vec![0; n],
-            slots: vec![0; n],
-            plan,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn forked_plan_rows_get_their_whole_view_in_order() {
-        // Two threads share blocks 0-1 then each has one block of its own; thread 0 decodes
-        // one row, thread 1 prefills three (causal limits).
-        let threads = vec![
-            PlanThread {
-                chunks: vec![chunk(0, 0, 4), chunk(1, 0, 4), chunk(2, 0, 2)],
-                rows: vec![(0, 10)],
-            },
-            PlanThread {
-                chunks: vec![chunk(0, 0, 4), chunk(1, 0, 4), chunk(3, 0, 3)],
-                rows: vec![(1, 9), (2, 10), (3, 11)],
-            },
-        ];
-        for split in [0, 4] {
-            let step = step_of(&threads, AttentionMode::Forked, split);
-            let lists = row_chunk_lists(&step, 8, 4).unwrap();
-            assert_eq!(lists[0], vec![(0, 0, 4), (1, 0, 4), (2, 0, 2)]);
-            for list in &lists[1..4] {
-                assert_eq!(list, &vec![(0, 0, 4), (1, 0, 4), (3, 0, 3)]);
-            }
-            let h = host_attention(&step, 8, 4, true).unwrap();
-            assert_eq!(h.groups, Some(vec![0, 1, 4]));
-            assert_eq!(h.indptr, vec![0, 3, 6]);
-            assert_eq!(h.logical_tokens, 10 + 11);
-            let h = host_attention(&step, 8, 4, false).unwrap();
-            assert_eq!(h.groups, None);
-            assert_eq!(h.indptr, vec![0, 3, 6, 9, 12]);
-            assert_eq!(h.row_limit, vec![10, 9, 10, 11]);
-            assert_eq!(h.max_view, 11);
-        }
-    }
-
-    #[test]
-    fn rows_seeing_fewer_items_group_with_longer_ones() {
-        // Split items of 2 tokens: row 1 (limit 5) does not read the last item, row 2 does.
-        let threads = vec![PlanThread {
-            chunks: vec![chunk(0, 0, 4), chunk(1, 0, 1), chunk(1, 1, 2)],
-            rows: vec![(0, 5), (1, 7)],
-        }];
-        let step = step_of(&threads, AttentionMode::Forked, 2);
-        let lists = row_chunk_lists(&step, 4, 4).unwrap();
-        assert!(lists[1].starts_with(&lists[0]));
-        let h = host_attention(&step, 4, 4, true).unwrap();
-        assert_eq!(h.groups, Some(vec![0, 2]));
-        assert_eq!(h.indptr, vec![0, lists[1].len() as i32]);
-    }
-
-    #[test]
-    fn bad_plans_are_errors() {
-        let threads = vec![PlanThread {
-            chunks: vec![chunk(9, 0, 4)],
-            rows: vec![(0, 4)],
-        }];
-        let step = step_of(&threads, AttentionMode::Naive, 0);
-        assert!(
-            host_attention(&step, 4, 4, true).is_err(),
-            "block outside the pool"
-        );
-        let mut step = step_of(
-            &[PlanThread {
-                chunks: vec![chunk(0, 0, 4)],
-                rows: vec![(0, 4)],
-            }],
-            AttentionMode::Naive,
-            0,
-        );
-        step.plan.row_limit[0] = 5;
-        assert!(
-            host_attention(&step, 4, 4, true).is_err(),
-            "limit past the view"
-        );
     }
 }

@@ -7,10 +7,14 @@
 
 pub mod backend;
 pub mod device;
+pub mod devmat;
 pub mod error;
 pub mod ffi;
 pub mod gemm;
 pub mod kernels;
+mod lowering;
+pub mod pool;
+mod weights;
 
 pub use device::Gpu;
 pub use error::CudaError;

@@ -1,0 +1,73 @@
+//! How many K/V blocks the CUDA backend allocates ([`KvPoolSize`], [`CudaOptions`]) and
+//! what it chose ([`PoolInfo`]).
+
+/// How many K/V blocks the backend allocates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvPoolSize {
+    /// Exactly this many blocks.
+    Blocks(usize),
+    /// This fraction (0, 1] of the device memory free after the weights are uploaded.
+    FreeFraction(f64),
+}
+
+/// Options of [`CudaBackend::load`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaOptions {
+    /// CUDA device ordinal.
+    pub device: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Size of the K/V pool.
+    pub pool: KvPoolSize,
+    /// Tokens per split of the decode kernel (split-KV).
+    pub partition_size: usize,
+    /// Run groups of consecutive rows sharing a chunk list (prefill chunks) through the
+    /// prefill kernel; `false`: the decode kernel for every row.
+    pub use_prefill_kernel: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            device: 0,
+            block_size: 16,
+            pool: KvPoolSize::FreeFraction(0.9),
+            partition_size: 512,
+            use_prefill_kernel: true,
+        }
+    }
+}
+
+/// What [`CudaBackend::load`] chose for the K/V pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolInfo {
+    /// Blocks allocated.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Bytes of one block over all layers, K and V.
+    pub bytes_per_block: usize,
+    /// Bytes of weights uploaded.
+    pub weight_bytes: usize,
+    /// Device memory free after the weights, before the pool (bytes).
+    pub free_after_weights: usize,
+    /// Total device memory (bytes).
+    pub total: usize,
+}
+
+impl std::fmt::Display for PoolInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const GIB: f64 = (1u64 << 30) as f64;
+        write!(
+            f,
+            "KV pool: {} blocks x {} tokens ({:.2} GiB; {} B/block over all layers), weights {:.2} GiB, free after weights {:.2} of {:.2} GiB",
+            self.num_blocks,
+            self.block_size,
+            (self.num_blocks * self.bytes_per_block) as f64 / GIB,
+            self.bytes_per_block,
+            self.weight_bytes as f64 / GIB,
+            self.free_after_weights as f64 / GIB,
+            self.total as f64 / GIB,
+        )
+    }
+}
