@@ -85,18 +85,12 @@ fn main() {
     }
 }
 
-struct Rng(u64);
+/// Random bf16 data from spindle's one seeded generator.
+struct Rng(spindle::generate::rng::Rng);
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn bf16s(&mut self, n: usize) -> Vec<bf16> {
         (0..n)
-            .map(|_| bf16::from_f32(((self.next() >> 40) as f32 / (1u64 << 24) as f32) - 0.5))
+            .map(|_| bf16::from_f32(self.0.next_f32() - 0.5))
             .collect()
     }
 }
@@ -165,7 +159,7 @@ fn run(args: &Args) -> Res<()> {
     let mut flush = stream.alloc_zeros::<u8>(FLUSH_BYTES)?;
     let start = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
     let end = gpu.ctx().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-    let mut rng = Rng(42);
+    let mut rng = Rng(spindle::generate::rng::Rng::new(42));
     for (n, p, s) in shapes {
         let views = tree_chunks(n, p, s);
         let limit = p + s;

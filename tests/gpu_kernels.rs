@@ -43,23 +43,17 @@ fn gpu(test: &str) -> Option<Gpu> {
     }
 }
 
-/// xorshift64*: deterministic test data without a rand dependency.
-struct Rng(u64);
+/// Deterministic test data from spindle's one seeded generator.
+struct Rng(spindle::generate::rng::Rng);
 impl Rng {
     fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+        Rng(spindle::generate::rng::Rng::new(seed))
     }
     fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        self.0.next_f32()
     }
     fn range(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        self.0.below(n as u64) as usize
     }
     fn normal_ish(&mut self) -> f32 {
         (self.uniform() + self.uniform() + self.uniform() - 1.5) * 2.0

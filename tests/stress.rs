@@ -25,7 +25,7 @@ use std::time::Instant;
 const BLOCK: usize = 4;
 
 fn below(rng: &mut Rng, n: u64) -> u64 {
-    rng.next_u64() % n.max(1)
+    rng.below(n)
 }
 
 fn tokens(rng: &mut Rng, min: u64, max: u64, vocab: u64) -> Vec<u32> {

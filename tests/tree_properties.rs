@@ -18,16 +18,7 @@ use spindle::{AttentionMode, Engine, EngineConfig, JoinKind};
 const TOL: f32 = 1e-4;
 
 /// The library's seeded generator, so failures reproduce from the seed.
-struct Rng(spindle::generate::rng::Rng);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(spindle::generate::rng::Rng::new(seed))
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0.next_u64() % n
-    }
-}
+use spindle::generate::rng::Rng;
 
 fn random_tokens(rng: &mut Rng, max_len: u64, vocab: u64) -> Vec<u32> {
     (0..rng.below(max_len + 1))

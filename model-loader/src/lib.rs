@@ -15,6 +15,7 @@ pub mod dequant;
 pub mod dtype;
 pub mod error;
 pub mod gguf;
+pub mod rng;
 pub mod safetensors;
 pub mod synth;
 pub mod tensor;
