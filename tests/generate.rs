@@ -767,3 +767,63 @@ fn cancelling_a_request_with_children_in_waves_frees_it_and_spares_the_other() {
         "the other request is unchanged"
     );
 }
+
+#[test]
+fn a_request_the_pool_cannot_hold_beside_others_restarts_instead_of_failing() {
+    let tok = tok();
+    let policy = Policy {
+        child_growth_tokens: 8,
+        ..small_policy()
+    };
+    let prompts = ["<think> plan", "<think> other plan", "<think> a third plan"];
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut g = generator(256, 4, policy.clone());
+            let id = g.add_request(request(&tok, p, FOUR)).expect("request");
+            run_all(&mut g);
+            assert_clean(&g);
+            generated_by_path(&g, id)
+        })
+        .collect();
+    // Pools from roomy to tight: where the requests' pinned prefixes leave no room for the
+    // oldest one's next tokens, it restarts, and still ends with its output alone (34 and
+    // 30 blocks restart once; 28 and 20 hold no request alone, which then fail).
+    let mut restarted = 0;
+    for blocks in [40, 34, 30, 28, 20] {
+        let mut g = generator(blocks, 4, policy.clone());
+        let ids: Vec<usize> = prompts
+            .iter()
+            .map(|p| g.add_request(request(&tok, p, FOUR)).expect("request"))
+            .collect();
+        let events = run_all(&mut g);
+        assert_clean(&g);
+        restarted += events
+            .iter()
+            .filter(|e| matches!(e, Event::Restarted { .. }))
+            .count();
+        for (i, &id) in ids.iter().enumerate() {
+            let out = g.output(id).expect("every request ends");
+            if out.reason == EndReason::Error {
+                // Only a request that cannot fit even alone may fail.
+                let mut solo = generator(blocks, 4, policy.clone());
+                let s = solo
+                    .add_request(request(&tok, prompts[i], FOUR))
+                    .expect("request");
+                run_all(&mut solo);
+                assert_eq!(
+                    solo.output(s).expect("ends").reason,
+                    EndReason::Error,
+                    "request {i} failed in a pool of {blocks} blocks that holds it alone"
+                );
+            } else {
+                assert_eq!(
+                    generated_by_path(&g, id),
+                    alone[i],
+                    "request {i} in a pool of {blocks} blocks"
+                );
+            }
+        }
+    }
+    assert!(restarted > 0, "no pool size made a request restart");
+}

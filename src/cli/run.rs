@@ -227,6 +227,10 @@ impl<'a> StreamPrinter<'a> {
                 self.note(*thread, format!("protocol: {problem}"));
             }
             Event::Error { request, message } => println!("request {request} failed: {message}"),
+            Event::Restarted { request, restarts } => println!(
+                "request {request}: the KV pool could not hold it beside the others; starting it \
+                 again (restart {restarts}), what was shown of it is discarded"
+            ),
             Event::Finished { .. } => self.flush_all(),
         }
     }

@@ -54,6 +54,9 @@ pub struct RequestStats {
 /// Something that happened during generation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The pool could not hold the request beside the others: it gave its blocks back and
+    /// starts again from its prompt (same output in the end). Drop what was shown of it.
+    Restarted { request: usize, restarts: usize },
     /// A thread forked; `children` are the new threads in order, `running` started now.
     Forked {
         request: usize,

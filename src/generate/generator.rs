@@ -107,6 +107,38 @@ struct ThreadCtl {
     desc_count: usize,
 }
 
+/// The driver state of a request's root thread, at its start.
+fn root_ctl(
+    request: usize,
+    prompt: &[u32],
+    protocol: &dyn Protocol,
+    seed: u64,
+    budget: usize,
+) -> ThreadCtl {
+    ThreadCtl {
+        request,
+        role: Role::Root,
+        path: Vec::new(),
+        parent: None,
+        parser: protocol.parser(Role::Root),
+        seed,
+        rng: Rng::new(seed),
+        forks: Vec::new(),
+        prime: prompt.to_vec(),
+        generated: Vec::new(),
+        count: 0,
+        choice: None,
+        after: After::Decide,
+        started: true,
+        done: false,
+        end: None,
+        fork: None,
+        crit_below: 0,
+        allowance: budget,
+        desc_count: 0,
+    }
+}
+
 impl ThreadCtl {
     fn crit(&self) -> usize {
         self.count + self.crit_below
@@ -118,8 +150,19 @@ impl ThreadCtl {
     }
 }
 
+/// Times a request may be started again (its pool share taken by others) before it fails.
+const MAX_RESTARTS: usize = 8;
+
 /// Driver state of one request.
 struct RequestState {
+    /// Its current root thread (the request's id is its first root's).
+    root: ThreadId,
+    prompt: Vec<u32>,
+    /// Its token budget over all threads.
+    budget: usize,
+    seed: u64,
+    /// Times it was started again because the pool could not hold it beside the others.
+    restarts: usize,
     protocol: Arc<dyn Protocol>,
     source: Box<dyn TokenSource>,
     stop: Vec<Vec<u32>>,
@@ -201,32 +244,16 @@ impl<B: Backend> Generator<B> {
         let seed = mix(req.sampling.seed, &[]);
         self.ctl.insert(
             root,
-            ThreadCtl {
-                request: root,
-                role: Role::Root,
-                path: Vec::new(),
-                parent: None,
-                parser: req.protocol.parser(Role::Root),
-                seed,
-                rng: Rng::new(seed),
-                forks: Vec::new(),
-                prime: req.prompt.clone(),
-                generated: Vec::new(),
-                count: 0,
-                choice: None,
-                after: After::Decide,
-                started: true,
-                done: false,
-                end: None,
-                fork: None,
-                crit_below: 0,
-                allowance: budget,
-                desc_count: 0,
-            },
+            root_ctl(root, &req.prompt, req.protocol.as_ref(), seed, budget),
         );
         self.requests.insert(
             root,
             RequestState {
+                root,
+                prompt: req.prompt,
+                budget,
+                seed,
+                restarts: 0,
                 protocol: req.protocol,
                 source: req.source,
                 stop: req
@@ -314,10 +341,21 @@ impl<B: Backend> Generator<B> {
         }
         let out = match self.engine.step() {
             Ok(out) => out,
-            Err(e @ SpindleError::ThreadDoesNotFit { request, .. }) => {
-                // Even preemption cannot make room for this request's thread: give up that
-                // request, keep the rest.
-                self.fail(request, e.to_string())?;
+            Err(e @ SpindleError::ThreadDoesNotFit { thread, .. }) => {
+                // Even preemption cannot make room for this request's thread: the others'
+                // pinned prefixes hold the pool. Start it again later if others will free
+                // blocks; give it up (keeping the rest) if it cannot fit even alone.
+                let request = self.ctl.get(&thread).map_or(thread, |c| c.request);
+                let others = self
+                    .requests
+                    .iter()
+                    .any(|(&r, rs)| r != request && !rs.done);
+                let restarts = self.requests.get(&request).map_or(0, |rs| rs.restarts);
+                if others && restarts < MAX_RESTARTS {
+                    self.restart(request)?;
+                } else {
+                    self.fail(request, e.to_string())?;
+                }
                 return Ok(std::mem::take(&mut self.events));
             }
             Err(e) => return Err(e),

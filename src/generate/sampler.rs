@@ -22,6 +22,12 @@ pub struct Decide<'a> {
 pub trait TokenSource: Send {
     /// The next token of the thread described by `d`.
     fn next_token(&mut self, d: Decide<'_>) -> u32;
+
+    /// The request starts again from its prompt (the pool could not hold it beside the
+    /// others): a source whose choices depend on its own state goes back to its start, so
+    /// the run repeats. A source that depends only on what `next_token` is given (like
+    /// [`Sampler`]) has nothing to do.
+    fn restart(&mut self) {}
 }
 
 /// Sampling settings of one request.

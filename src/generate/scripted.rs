@@ -27,6 +27,8 @@ pub struct Scripted {
     banned: HashSet<u32>,
     /// Samples free tokens (with each thread's own generator) instead of taking the argmax.
     sampler: Option<Sampler>,
+    /// The scripts as they were before the first draw, for a restart.
+    pristine: Option<HashMap<Vec<u32>, VecDeque<ScriptItem>>>,
 }
 
 impl Scripted {
@@ -36,6 +38,7 @@ impl Scripted {
             scripts: HashMap::new(),
             banned: banned.into_iter().collect(),
             sampler: None,
+            pristine: None,
         }
     }
 
@@ -101,7 +104,16 @@ impl Scripted {
 }
 
 impl TokenSource for Scripted {
+    fn restart(&mut self) {
+        if let Some(p) = &self.pristine {
+            self.scripts = p.clone();
+        }
+    }
+
     fn next_token(&mut self, d: Decide<'_>) -> u32 {
+        if self.pristine.is_none() {
+            self.pristine = Some(self.scripts.clone());
+        }
         let queue = self.scripts.get_mut(d.path);
         let item = queue.and_then(|q| {
             let item = q.pop_front()?;

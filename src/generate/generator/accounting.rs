@@ -6,15 +6,16 @@ use super::*;
 impl<B: Backend> Generator<B> {
     /// Finishes a request at its root.
     pub(super) fn finish_root(&mut self, request: usize, reason: EndReason) -> Result<()> {
-        self.engine.finish(request)?;
-        if let Some(c) = self.ctl.get_mut(&request) {
+        let root = self.root_of(request);
+        self.engine.finish(root)?;
+        if let Some(c) = self.ctl.get_mut(&root) {
             c.done = true;
             c.end = Some(reason.clone());
         }
-        self.trace.thread_end(request, self.steps);
+        self.trace.thread_end(root, self.steps);
         self.events.push(Event::ThreadEnded {
             request,
-            thread: request,
+            thread: root,
             path: Vec::new(),
             reason: reason.clone(),
         });
@@ -42,7 +43,7 @@ impl<B: Backend> Generator<B> {
 
     /// Releases every thread of `request` in the engine and marks them ended.
     pub(super) fn end_all(&mut self, request: usize) -> Result<()> {
-        self.engine.cancel(request)?;
+        self.engine.cancel(self.root_of(request))?;
         let ids: Vec<ThreadId> = self
             .requests
             .get(&request)
@@ -61,7 +62,7 @@ impl<B: Backend> Generator<B> {
 
     /// Cancels a request after an error: every thread released, an `Error` event.
     pub(super) fn fail(&mut self, request: usize, message: String) -> Result<()> {
-        self.engine.cancel(request)?;
+        self.engine.cancel(self.root_of(request))?;
         let ids: Vec<ThreadId> = self
             .requests
             .get(&request)
@@ -85,6 +86,7 @@ impl<B: Backend> Generator<B> {
             return Ok(());
         };
         rs.done = true;
+        let root = rs.root;
         let mut threads = Vec::new();
         let mut per_thread = Vec::new();
         for &id in &rs.threads {
@@ -106,7 +108,7 @@ impl<B: Backend> Generator<B> {
         }
         let stats = RequestStats {
             total_tokens: rs.generated,
-            critical_path_tokens: self.ctl.get(&request).map_or(0, ThreadCtl::crit),
+            critical_path_tokens: self.ctl.get(&root).map_or(0, ThreadCtl::crit),
             threads: threads.len(),
             forks: rs.forks,
             peak_width: rs.peak_width,
@@ -118,7 +120,7 @@ impl<B: Backend> Generator<B> {
         };
         let context = match reason {
             EndReason::Error | EndReason::Cancelled => Vec::new(),
-            _ => self.engine.thread(request)?.ctx_tokens.clone(),
+            _ => self.engine.thread(root)?.ctx_tokens.clone(),
         };
 
         self.events.push(Event::Finished {
@@ -136,6 +138,58 @@ impl<B: Backend> Generator<B> {
                 stats,
             },
         );
+        Ok(())
+    }
+
+    /// The current root thread of `request`.
+    pub(super) fn root_of(&self, request: usize) -> ThreadId {
+        self.requests.get(&request).map_or(request, |rs| rs.root)
+    }
+
+    /// Gives a request that the pool cannot hold beside the others its blocks back and
+    /// starts it again from its prompt (it waits behind the older requests). Its output
+    /// will be the same: every draw depends only on the request's seed and the thread's
+    /// place in the tree. An [`Event::Restarted`] tells a streaming consumer to drop what
+    /// it showed of the request so far.
+    pub(super) fn restart(&mut self, request: usize) -> Result<()> {
+        let Some(rs) = self.requests.get_mut(&request) else {
+            return Err(SpindleError::UnknownRequest { request });
+        };
+        self.engine.cancel(rs.root)?;
+        rs.source.restart();
+        for id in rs.threads.drain(..) {
+            if self.ctl.remove(&id).is_some_and(|c| !c.done) {
+                self.trace.thread_end(id, self.steps);
+            }
+        }
+        let root = self.engine.add_request(&rs.prompt)?;
+        rs.root = root;
+        rs.threads.push(root);
+        rs.restarts += 1;
+        rs.generated = 0;
+        rs.forks = 0;
+        rs.first_step = None;
+        rs.last_step = 0;
+        rs.peak_width = 0;
+        rs.thread_steps = 0;
+        let ctl = root_ctl(
+            request,
+            &rs.prompt,
+            rs.protocol.as_ref(),
+            rs.seed,
+            rs.budget,
+        );
+        self.ctl.insert(root, ctl);
+        self.trace.thread_start(
+            root,
+            request,
+            format!("request {request} root (restart {})", rs.restarts),
+            self.steps,
+        );
+        self.events.push(Event::Restarted {
+            request,
+            restarts: rs.restarts,
+        });
         Ok(())
     }
 }
