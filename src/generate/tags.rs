@@ -136,20 +136,7 @@ fn labels(tok: &Tokenizer, fmt: impl Fn(usize) -> String) -> Result<Vec<Vec<u32>
 impl TagProtocol {
     /// A protocol from `spec`, checked: no empty tag, and a reuse join primes the parent.
     pub fn new(spec: TagSpec) -> Result<Self> {
-        let mut tags = vec![
-            &spec.container.0,
-            &spec.container.1,
-            &spec.entry.0,
-            &spec.entry.1,
-            &spec.child_end,
-        ];
-        if let Some((a, b)) = &spec.block {
-            tags.extend([a, b]);
-        }
-        if let Some(r) = &spec.result {
-            tags.push(r);
-        }
-        if tags.iter().any(|t| t.is_empty()) {
+        if spec.all_tags().any(|(_, t)| t.is_empty()) {
             return Err(SpindleError::Protocol(format!("{}: empty tag", spec.name)));
         }
         if spec.join == JoinKind::Reuse && !spec.share_context {
@@ -173,21 +160,7 @@ impl TagProtocol {
 
     /// Every tag of the spec.
     fn tags(&self) -> Vec<&Tag> {
-        let s = &self.spec;
-        let mut tags: Vec<&Tag> = vec![
-            &s.container.0,
-            &s.container.1,
-            &s.entry.0,
-            &s.entry.1,
-            &s.child_end,
-        ];
-        if let Some((a, b)) = &s.block {
-            tags.extend([a, b]);
-        }
-        if let Some(r) = &s.result {
-            tags.push(r);
-        }
-        tags
+        self.spec.all_tags().map(|(_, t)| t).collect()
     }
 
     /// The tags that are not single tokens, as text with their token counts (`<Parallel>`
@@ -232,22 +205,10 @@ impl TagProtocol {
     /// Names every tag by its text through `tok`, so protocol messages read `</Outlines>`
     /// rather than token ids.
     pub fn with_names(mut self, tok: &Tokenizer) -> Self {
-        let s = &self.spec;
-        let mut tags: Vec<&Tag> = vec![
-            &s.container.0,
-            &s.container.1,
-            &s.entry.0,
-            &s.entry.1,
-            &s.child_end,
-        ];
-        if let Some((a, b)) = &s.block {
-            tags.extend([a, b]);
-        }
-        if let Some(r) = &s.result {
-            tags.push(r);
-        }
-        let names = tags
-            .into_iter()
+        let names = self
+            .spec
+            .all_tags()
+            .map(|(_, t)| t)
             .filter_map(|t| Some((t.clone(), tok.decode(t).ok()?)))
             .collect();
         self.names = Arc::new(names);
@@ -358,23 +319,7 @@ impl Protocol for TagProtocol {
 
     fn control_tokens(&self) -> Vec<u32> {
         let s = &self.spec;
-        let mut ids: Vec<u32> = [
-            &s.container.0,
-            &s.container.1,
-            &s.entry.0,
-            &s.entry.1,
-            &s.child_end,
-        ]
-        .into_iter()
-        .flatten()
-        .copied()
-        .collect();
-        if let Some((a, b)) = &s.block {
-            ids.extend(a.iter().chain(b));
-        }
-        if let Some(r) = &s.result {
-            ids.extend(r);
-        }
+        let mut ids: Vec<u32> = s.all_tags().flat_map(|(_, t)| t).copied().collect();
         if let ChildPrime::Numbered { tag, .. } = &s.child_prime {
             ids.extend(tag);
         }
@@ -414,6 +359,26 @@ struct TagParser {
     result: Option<Vec<u32>>,
 }
 
+impl TagSpec {
+    /// Every tag of the spec with its kind: the one list of them.
+    fn all_tags(&self) -> impl Iterator<Item = (Kind, &Tag)> {
+        [
+            (Kind::ContainerOpen, &self.container.0),
+            (Kind::ContainerClose, &self.container.1),
+            (Kind::EntryOpen, &self.entry.0),
+            (Kind::EntryClose, &self.entry.1),
+            (Kind::ChildEnd, &self.child_end),
+        ]
+        .into_iter()
+        .chain(
+            self.block
+                .iter()
+                .flat_map(|(a, b)| [(Kind::BlockOpen, a), (Kind::BlockClose, b)]),
+        )
+        .chain(self.result.iter().map(|r| (Kind::ResultOpen, r)))
+    }
+}
+
 /// A tag as text when its name is known, else as its token ids.
 fn text(names: &HashMap<Vec<u32>, String>, tag: &[u32]) -> String {
     names
@@ -426,34 +391,20 @@ impl TagParser {
     /// The longest tag that `generated` ends with.
     fn matched(&self, generated: &[u32]) -> Option<(Kind, usize)> {
         let s = &self.spec;
-        let mut cands: Vec<(Kind, &Tag)> = vec![
-            (Kind::ContainerOpen, &s.container.0),
-            (Kind::ContainerClose, &s.container.1),
-            (Kind::EntryOpen, &s.entry.0),
-            (Kind::EntryClose, &s.entry.1),
-            (Kind::ChildEnd, &s.child_end),
-        ];
-        if let Some((a, b)) = &s.block {
-            cands.push((Kind::BlockOpen, a));
-            cands.push((Kind::BlockClose, b));
-        }
-        if let Some(r) = &s.result {
-            cands.push((Kind::ResultOpen, r));
-        }
-        if let Some(by_id) = cands
-            .iter()
+        if let Some(by_id) = s
+            .all_tags()
             .filter(|(_, t)| generated.ends_with(t))
             .max_by_key(|(_, t)| t.len())
-            .map(|(k, t)| (*k, t.len()))
+            .map(|(k, t)| (k, t.len()))
         {
             return Some(by_id);
         }
         // Multi-token tags on the text: the decoded tail ends with the tag's text.
         let tt = self.text.as_ref()?;
         let (tail, _) = tt.tail(generated);
-        let (kind, tag_text) = cands
-            .iter()
-            .filter_map(|(k, t)| Some((*k, tt.texts.get(*t)?)))
+        let (kind, tag_text) = s
+            .all_tags()
+            .filter_map(|(k, t)| Some((k, tt.texts.get(t)?)))
             .filter(|(_, s)| tail.ends_with(s.as_str()))
             .max_by_key(|(_, s)| s.len())?;
         Some((kind, tt.tokens_covering(generated, tag_text.len())))
