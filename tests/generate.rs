@@ -610,8 +610,11 @@ fn sampling_is_reproducible_alone_or_batched() {
 fn scripted_free_tokens_avoid_control_tokens() {
     let tok = tok();
     let mut g = generator(64, 16, small_policy());
+    // 20 free tokens, then end-of-text: every free choice must avoid the special ids.
+    let special = tok.special_ids();
+    let eos = tok.token_id("<|endoftext|>").expect("end-of-text id");
     let s =
-        Scripted::new(tok.special_ids()).script(&[], [ScriptItem::Free(20), ScriptItem::Token(0)]);
+        Scripted::new(special.clone()).script(&[], [ScriptItem::Free(20), ScriptItem::Token(eos)]);
     let id = g
         .add_request(
             Request::new(enc(&tok, "go"), tw(&tok), SamplingParams::default())
@@ -621,7 +624,10 @@ fn scripted_free_tokens_avoid_control_tokens() {
     run_all(&mut g);
     let out = g.output(id).expect("finished");
     assert_eq!(out.threads[0].generated.len(), 21);
-    assert!(out.threads[0].generated[..20].iter().all(|t| *t > 20));
+    assert!(out.threads[0].generated[..20]
+        .iter()
+        .all(|t| !special.contains(t)));
+    assert_eq!(out.threads[0].generated[20], eos);
 }
 
 #[test]
