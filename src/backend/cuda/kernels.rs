@@ -200,6 +200,37 @@ impl DecodeWorkspace {
     }
 }
 
+/// The checks every attention launch shares: the cache, the chunk lists (`entries` of
+/// them), whole GQA groups, and `q` / `out` holding `rows x num_q_heads x head_dim` values.
+/// Returns the number of chunks.
+#[allow(clippy::too_many_arguments)]
+fn check_attention_args(
+    kernel: &'static str,
+    cache: &KvCache<'_>,
+    chunks: &Chunks<'_>,
+    entries: usize,
+    rows: usize,
+    num_q_heads: usize,
+    q_len: usize,
+    out_len: usize,
+) -> Result<usize> {
+    check_cache(kernel, cache)?;
+    let s = cache.shape;
+    if num_q_heads == 0 || !num_q_heads.is_multiple_of(s.num_kv_heads) {
+        return Err(CudaError::shape(
+            kernel,
+            format!(
+                "num_q_heads {num_q_heads} not a multiple of num_kv_heads {}",
+                s.num_kv_heads
+            ),
+        ));
+    }
+    let num_chunks = check_chunks(kernel, chunks, entries)?;
+    expect_len(kernel, "q", q_len, rows * num_q_heads * s.head_dim)?;
+    expect_len(kernel, "out", out_len, rows * num_q_heads * s.head_dim)?;
+    Ok(num_chunks)
+}
+
 /// Paged decode attention (`kernels/paged_decode.cu`): for each query row r,
 /// `out[r, h] = softmax(scale * q[r, h] . K_view^T) V_view` over the row's chunk list,
 /// masked to view indices `< row_limit[r]`. `max_view_len` (>= every row_limit) and
@@ -219,21 +250,18 @@ pub fn paged_decode(
     ws: &mut DecodeWorkspace,
 ) -> Result<()> {
     const K: &str = "spindle_paged_decode";
-    check_cache(K, cache)?;
     let s = cache.shape;
-    if num_q_heads == 0 || !num_q_heads.is_multiple_of(s.num_kv_heads) {
-        return Err(CudaError::shape(
-            K,
-            format!(
-                "num_q_heads {num_q_heads} not a multiple of num_kv_heads {}",
-                s.num_kv_heads
-            ),
-        ));
-    }
     let num_rows = row_limit.len();
-    let num_chunks = check_chunks(K, chunks, num_rows)?;
-    expect_len(K, "q", q.len(), num_rows * num_q_heads * s.head_dim)?;
-    expect_len(K, "out", out.len(), num_rows * num_q_heads * s.head_dim)?;
+    let num_chunks = check_attention_args(
+        K,
+        cache,
+        chunks,
+        num_rows,
+        num_rows,
+        num_q_heads,
+        q.len(),
+        out.len(),
+    )?;
     if partition_size == 0 {
         return Err(CudaError::shape(K, "partition_size is 0"));
     }
@@ -370,30 +398,27 @@ pub fn prefill_attention(
     scale: f32,
 ) -> Result<()> {
     const K: &str = "spindle_prefill_attention";
-    check_cache(K, cache)?;
     let s = cache.shape;
-    if num_q_heads == 0 || !num_q_heads.is_multiple_of(s.num_kv_heads) {
-        return Err(CudaError::shape(
-            K,
-            format!(
-                "num_q_heads {num_q_heads} not a multiple of num_kv_heads {}",
-                s.num_kv_heads
-            ),
-        ));
-    }
-    if prefill_rows_per_tile(num_q_heads / s.num_kv_heads) == 0 {
-        return Err(CudaError::shape(K, "GQA ratio above 64"));
-    }
     let num_rows = row_limit.len();
     let num_groups = q_indptr
         .len()
         .checked_sub(1)
         .ok_or_else(|| CudaError::shape(K, "q_indptr is empty"))?;
-    let num_chunks = check_chunks(K, chunks, num_groups)?;
+    let num_chunks = check_attention_args(
+        K,
+        cache,
+        chunks,
+        num_groups,
+        num_rows,
+        num_q_heads,
+        q.len(),
+        out.len(),
+    )?;
+    if prefill_rows_per_tile(num_q_heads / s.num_kv_heads) == 0 {
+        return Err(CudaError::shape(K, "GQA ratio above 64"));
+    }
     let num_tiles = tile_group.len();
     expect_len(K, "tile_row", tile_row.len(), num_tiles)?;
-    expect_len(K, "q", q.len(), num_rows * num_q_heads * s.head_dim)?;
-    expect_len(K, "out", out.len(), num_rows * num_q_heads * s.head_dim)?;
     if num_rows == 0 || num_tiles == 0 {
         return Ok(());
     }
