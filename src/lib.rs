@@ -52,4 +52,3 @@ pub use error::{Result, SpindleError};
 pub use plan::AttentionMode;
 pub use tree::{JoinKind, ThreadId};
 pub mod replay;
-pub mod tree_file;

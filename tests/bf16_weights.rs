@@ -8,8 +8,8 @@ mod common;
 use common::agreement::Agreement;
 use common::*;
 use model_loader::{Checkpoint, DType, TensorSpec};
+use spindle::replay::tree_file::TreeNode;
 use spindle::replay::{blocks_for, replay_with_stats};
-use spindle::tree_file::TreeNode;
 use spindle::{CpuBackend, Engine, EngineConfig};
 use std::path::PathBuf;
 

@@ -34,8 +34,8 @@ use model_loader::{Arch, Checkpoint, DType, ModelConfig, TensorSpec};
 use spindle::backend::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
 use spindle::backend::cuda::{CudaError, Gpu};
 use spindle::kv::SharedTail;
+use spindle::replay::tree_file::TreeNode;
 use spindle::replay::{blocks_for, replay_with_stats};
-use spindle::tree_file::TreeNode;
 use spindle::{AttentionMode, CpuBackend, Engine, EngineConfig, SpindleError};
 use std::path::Path;
 

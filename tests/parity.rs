@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use spindle::kv::SharedTail;
+use spindle::replay::tree_file::TreeNode;
 use spindle::replay::{blocks_for, replay_with_stats};
-use spindle::tree_file::TreeNode;
 use spindle::AttentionMode;
 
 /// A correct f32 forward reaches about 1.3e-5 against the float32 reference (summation

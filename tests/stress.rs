@@ -15,9 +15,9 @@
 mod common;
 
 use spindle::generate::rng::Rng;
+use spindle::replay::tree_file::{Fork, NodeLogits, TreeNode};
 use spindle::replay::{blocks_for, replay_with_stats, Replay};
 use spindle::tree::ThreadState;
-use spindle::tree_file::{Fork, NodeLogits, TreeNode};
 use spindle::{AttentionMode, CpuBackend, Engine, EngineConfig, JoinKind, SpindleError};
 use std::collections::VecDeque;
 use std::time::Instant;

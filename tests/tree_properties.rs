@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use spindle::kv::SharedTail;
+use spindle::replay::tree_file::{Fork, NodeLogits, TreeNode};
 use spindle::replay::{blocks_for, replay_with_stats};
-use spindle::tree_file::{Fork, NodeLogits, TreeNode};
 
 use spindle::{AttentionMode, Engine, EngineConfig, JoinKind};
 

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use spindle::tree_file::{NodeLogits, TreeLimits, TreeNode};
+use spindle::replay::tree_file::{NodeLogits, TreeLimits, TreeNode};
 
 const LIMITS: TreeLimits = TreeLimits {
     vocab_size: 384,

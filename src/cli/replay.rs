@@ -8,8 +8,8 @@ use spindle::device::{run_on, Device, EngineJob};
 use spindle::engine::{Engine, EngineConfig, EngineStats};
 use spindle::error::{Result, SpindleError};
 use spindle::plan::AttentionMode;
+use spindle::replay::tree_file::{TreeLimits, TreeNode};
 use spindle::replay::{blocks_for, replay_with_stats};
-use spindle::tree_file::{TreeLimits, TreeNode};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `spindle replay`.

@@ -3,7 +3,7 @@
 //! of every row that disagrees.
 
 use serde_json::Value;
-use spindle::tree_file::NodeLogits;
+use spindle::replay::tree_file::NodeLogits;
 
 /// What one compared row showed.
 #[derive(Debug, Clone, Copy)]

@@ -5,7 +5,7 @@ pub mod agreement;
 
 use serde_json::Value;
 use spindle::backend::cpu::CpuBackend;
-use spindle::tree_file::{NodeLogits, TreeLimits, TreeNode};
+use spindle::replay::tree_file::{NodeLogits, TreeLimits, TreeNode};
 use spindle::{AttentionMode, Engine, EngineConfig};
 use std::path::PathBuf;
 

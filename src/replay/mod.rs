@@ -7,7 +7,9 @@ use crate::backend::Backend;
 use crate::engine::{Engine, EngineStats};
 use crate::error::{Result, SpindleError};
 use crate::tree::{JoinKind, ThreadId};
-use crate::tree_file::{NodeLogits, TreeNode};
+
+pub mod tree_file;
+use crate::replay::tree_file::{NodeLogits, TreeNode};
 use std::collections::{BTreeMap, VecDeque};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
