@@ -264,6 +264,40 @@ mod tests {
         assert_eq!(tile_tokens(8192), 16);
     }
 
+    /// A row that may see no token (limit 0) is in no item and has no partials: its
+    /// output is zeros, not 0/0.
+    #[test]
+    fn a_row_that_sees_nothing_is_zero() {
+        let shape = AttnShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 4,
+        };
+        let k: Vec<f32> = (0..16).map(|i| (i as f32 * 0.3).sin()).collect();
+        let v: Vec<f32> = (0..16).map(|i| (i as f32 * 0.7).cos()).collect();
+        let q: Vec<f32> = (0..16).map(|i| (i as f32 * 1.1).sin()).collect();
+        let threads = vec![PlanThread {
+            chunks: vec![Chunk {
+                block: 0,
+                start: 0,
+                len: 3,
+            }],
+            rows: vec![(0, 3), (1, 0)],
+        }];
+        for mode in [AttentionMode::Forked, AttentionMode::Naive] {
+            let plan = AttentionPlan::build(&threads, mode, 0);
+            let (out, read) = attention(&plan, &q, &k, &v, shape);
+            assert_eq!(read, 3, "{mode:?}");
+            assert_eq!(out[8..], [0.0; 8], "{mode:?}: the row that sees nothing");
+            assert!(
+                out[..8].iter().all(|x| x.is_finite()) && out[..8].iter().any(|&x| x != 0.0),
+                "{mode:?}: the row that sees 3 tokens: {:?}",
+                &out[..8]
+            );
+        }
+    }
+
     /// Items longer than a tile: the online softmax across tiles (and limits that end
     /// inside, at and just past a tile) against a direct f64 softmax.
     #[test]
