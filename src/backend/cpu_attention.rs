@@ -298,6 +298,43 @@ mod tests {
         }
     }
 
+    /// An item's K/V is gathered only up to the last token one of its rows may see: the
+    /// tokens past every limit are not read, and the count returned is the plan's.
+    #[test]
+    fn tokens_past_every_limit_are_not_read() {
+        let shape = AttnShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 4,
+        };
+        let k: Vec<f32> = (0..32).map(|i| (i as f32 * 0.3).sin()).collect();
+        let v: Vec<f32> = (0..32).map(|i| (i as f32 * 0.7).cos()).collect();
+        let q: Vec<f32> = (0..16).map(|i| (i as f32 * 1.1).sin()).collect();
+        // Seven tokens in two blocks; the rows see 2 and 5 of them.
+        let threads = vec![PlanThread {
+            chunks: vec![
+                Chunk {
+                    block: 0,
+                    start: 0,
+                    len: 4,
+                },
+                Chunk {
+                    block: 1,
+                    start: 0,
+                    len: 3,
+                },
+            ],
+            rows: vec![(0, 2), (1, 5)],
+        }];
+        for mode in [AttentionMode::Forked, AttentionMode::Naive] {
+            let plan = AttentionPlan::build(&threads, mode, 0);
+            assert_eq!(plan.kv_tokens_read, 5, "{mode:?}");
+            let (_, read) = attention(&plan, &q, &k, &v, shape);
+            assert_eq!(read, 5, "{mode:?}");
+        }
+    }
+
     /// Items longer than a tile: the online softmax across tiles (and limits that end
     /// inside, at and just past a tile) against a direct f64 softmax.
     #[test]
