@@ -5,7 +5,7 @@
 
 use spindle::generate::rng::Rng;
 use spindle::generate::sampler::argmax;
-use spindle::generate::{Sampler, SamplingParams};
+use spindle::generate::{Decide, Sampler, SamplingParams, TokenSource};
 
 /// Ids are not in logit order, and no two logits tie.
 const LOGITS: [f32; 8] = [1.0, 3.0, -0.5, 2.2, 0.3, 2.6, -2.0, 1.6];
@@ -57,6 +57,10 @@ fn expected(logits: &[f32], t: f64, k: usize, p: f64) -> Vec<f64> {
 }
 
 fn frequencies(t: f32, k: usize, p: f32, seed: u64) -> Vec<f64> {
+    frequencies_of(&LOGITS, t, k, p, seed)
+}
+
+fn frequencies_of(logits: &[f32], t: f32, k: usize, p: f32, seed: u64) -> Vec<f64> {
     let s = Sampler::new(SamplingParams {
         temperature: t,
         top_k: k,
@@ -64,9 +68,9 @@ fn frequencies(t: f32, k: usize, p: f32, seed: u64) -> Vec<f64> {
         ..Default::default()
     });
     let mut rng = Rng::new(seed);
-    let mut counts = vec![0usize; LOGITS.len()];
+    let mut counts = vec![0usize; logits.len()];
     for _ in 0..DRAWS {
-        counts[s.sample(&LOGITS, &mut rng) as usize] += 1;
+        counts[s.sample(logits, &mut rng) as usize] += 1;
     }
     counts.iter().map(|&c| c as f64 / DRAWS as f64).collect()
 }
@@ -168,4 +172,53 @@ fn greedy_ties_go_to_the_lowest_id() {
     assert_eq!(argmax(&[]), 0);
     let s = Sampler::new(SamplingParams::default());
     assert_eq!(s.sample(&[1.0, 4.0, 4.0], &mut Rng::new(1)), 1);
+}
+
+/// Logits far from 0 (as a model's can be, or any logits at a low temperature): the
+/// softmax is taken relative to the largest, so exp does not overflow to infinity.
+#[test]
+fn large_logits_do_not_overflow() {
+    // exp(400) fits an f64; exp(800) (the logits added to, not less, their maximum) does
+    // not, and then every weight is infinite and the draw is garbage.
+    let logits = [400.0f32, 398.0, 399.0, 396.5];
+    let want = expected(&logits, 1.0, 0, 1.0);
+    let got = frequencies_of(&logits, 1.0, 0, 1.0, 0x1a7e);
+    for (id, (&f, &w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (f - w).abs() < DELTA,
+            "token {id} drawn {f:.4}, expected {w:.4}"
+        );
+    }
+}
+
+/// The [`TokenSource`] face of the sampler draws the thread's token from its logits with
+/// the thread's own generator: the same token as `sample`, and the generator advanced the
+/// same way.
+#[test]
+fn next_token_samples_with_the_threads_generator() {
+    for (t, logits) in [(1.0f32, &LOGITS[..]), (0.0, &[0.5, -1.0, 4.0, 2.0][..])] {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: t,
+            ..Default::default()
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let (mut a, mut b) = (Rng::new(seed), Rng::new(seed));
+            let token = s.next_token(Decide {
+                request: 0,
+                path: &[1, 0],
+                generated: &[3, 4],
+                logits,
+                rng: &mut a,
+            });
+            assert_eq!(token, s.sample(logits, &mut b), "T {t}, seed {seed}");
+            assert_eq!(a.next_u64(), b.next_u64(), "T {t}, seed {seed}");
+            seen.insert(token);
+        }
+        if t == 0.0 {
+            assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![2]);
+        } else {
+            assert!(seen.len() >= 4, "T {t}: only {seen:?} drawn");
+        }
+    }
 }

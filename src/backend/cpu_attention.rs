@@ -28,6 +28,12 @@ struct Partial {
 /// Bytes of K and V (f32) per token tile: half of a typical 512 KiB L2.
 const TILE_BYTES: usize = 256 << 10;
 
+/// Tokens per tile for K/V rows `kv_width` floats wide: about [`TILE_BYTES`] of K and V
+/// together (8 bytes a float pair), between 16 and 512 tokens.
+fn tile_tokens(kv_width: usize) -> usize {
+    (TILE_BYTES / (8 * kv_width.max(1))).clamp(16, 512)
+}
+
 /// One work item's staged K/V (`[tokens, kv_heads * head_dim]` each) and its shape.
 struct Staged<'a> {
     keys: &'a [f32],
@@ -181,7 +187,7 @@ pub fn attention(
         // Token tiles of about TILE_BYTES of K and V, so a tile stays in cache while every
         // row of the item uses it (what makes a shared item read once pay on the CPU);
         // within a tile the rows run in parallel, each owning its partials.
-        let tile = (TILE_BYTES / (8 * kv_width.max(1))).clamp(16, 512);
+        let tile = tile_tokens(kv_width);
         let staged_kv = Staged {
             keys: &keys,
             values: &values,
@@ -245,6 +251,90 @@ mod tests {
     use crate::kv::Chunk;
     use crate::plan::{AttentionMode, PlanThread};
 
+    /// The tile length only sets speed (the outputs agree up to rounding whatever it is),
+    /// so it is pinned here: about 256 KiB of K and V, 16 to 512 tokens.
+    #[test]
+    fn a_tile_holds_about_256_kib_of_k_and_v() {
+        // 256 KiB / (8 bytes x 256 floats) = 128 tokens.
+        assert_eq!(tile_tokens(256), 128);
+        assert_eq!(tile_tokens(512), 64);
+        // Capped at 512 tokens for narrow rows, at least 16 for wide ones.
+        assert_eq!(tile_tokens(32), 512);
+        assert_eq!(tile_tokens(1), 512);
+        assert_eq!(tile_tokens(8192), 16);
+    }
+
+    /// A row that may see no token (limit 0) is in no item and has no partials: its
+    /// output is zeros, not 0/0.
+    #[test]
+    fn a_row_that_sees_nothing_is_zero() {
+        let shape = AttnShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 4,
+        };
+        let k: Vec<f32> = (0..16).map(|i| (i as f32 * 0.3).sin()).collect();
+        let v: Vec<f32> = (0..16).map(|i| (i as f32 * 0.7).cos()).collect();
+        let q: Vec<f32> = (0..16).map(|i| (i as f32 * 1.1).sin()).collect();
+        let threads = vec![PlanThread {
+            chunks: vec![Chunk {
+                block: 0,
+                start: 0,
+                len: 3,
+            }],
+            rows: vec![(0, 3), (1, 0)],
+        }];
+        for mode in [AttentionMode::Forked, AttentionMode::Naive] {
+            let plan = AttentionPlan::build(&threads, mode, 0);
+            let (out, read) = attention(&plan, &q, &k, &v, shape);
+            assert_eq!(read, 3, "{mode:?}");
+            assert_eq!(out[8..], [0.0; 8], "{mode:?}: the row that sees nothing");
+            assert!(
+                out[..8].iter().all(|x| x.is_finite()) && out[..8].iter().any(|&x| x != 0.0),
+                "{mode:?}: the row that sees 3 tokens: {:?}",
+                &out[..8]
+            );
+        }
+    }
+
+    /// An item's K/V is gathered only up to the last token one of its rows may see: the
+    /// tokens past every limit are not read, and the count returned is the plan's.
+    #[test]
+    fn tokens_past_every_limit_are_not_read() {
+        let shape = AttnShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 4,
+        };
+        let k: Vec<f32> = (0..32).map(|i| (i as f32 * 0.3).sin()).collect();
+        let v: Vec<f32> = (0..32).map(|i| (i as f32 * 0.7).cos()).collect();
+        let q: Vec<f32> = (0..16).map(|i| (i as f32 * 1.1).sin()).collect();
+        // Seven tokens in two blocks; the rows see 2 and 5 of them.
+        let threads = vec![PlanThread {
+            chunks: vec![
+                Chunk {
+                    block: 0,
+                    start: 0,
+                    len: 4,
+                },
+                Chunk {
+                    block: 1,
+                    start: 0,
+                    len: 3,
+                },
+            ],
+            rows: vec![(0, 2), (1, 5)],
+        }];
+        for mode in [AttentionMode::Forked, AttentionMode::Naive] {
+            let plan = AttentionPlan::build(&threads, mode, 0);
+            assert_eq!(plan.kv_tokens_read, 5, "{mode:?}");
+            let (_, read) = attention(&plan, &q, &k, &v, shape);
+            assert_eq!(read, 5, "{mode:?}");
+        }
+    }
+
     /// Items longer than a tile: the online softmax across tiles (and limits that end
     /// inside, at and just past a tile) against a direct f64 softmax.
     #[test]
@@ -257,7 +347,7 @@ mod tests {
             block_size: 8,
         };
         let kv_width = shape.num_kv_heads * shape.head_dim;
-        assert_eq!((TILE_BYTES / (8 * kv_width)).clamp(16, 512), 16);
+        assert_eq!(tile_tokens(kv_width), 16);
         let tokens = 100usize;
         let blocks = tokens.div_ceil(shape.block_size);
         let val = |i: usize, salt: f32| (i as f32 * 0.618 + salt).sin() * 2.0;

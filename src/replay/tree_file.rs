@@ -310,6 +310,54 @@ mod tests {
     }
 
     #[test]
+    fn forks_as_deep_as_the_limit_parse() {
+        // Two nested forks with max_depth 2: at the limit, not over it.
+        let t = parse(r#"{"tokens":[1],"fork":{"join":"reuse","children":[{"tokens":[2],"fork":{"join":"reuse","children":[{"tokens":[3]}]}}]}}"#)
+            .expect("depth 2 is within the limit of 2");
+        assert_eq!(t.num_nodes(), 3);
+    }
+
+    #[test]
+    fn to_json_writes_the_tree_back_with_its_logits() {
+        let text = r#"{"tokens":[1,2],"fork":{"join":"reprefill","children":[{"tokens":[3],"fork":{"join":"reuse","children":[{"tokens":[8]}]}},{"tokens":[4,5],"returns":[6]}]},"then":{"tokens":[7]}}"#;
+        let t = parse(text).expect("valid");
+        let row = |x: f32| vec![x, x + 0.5];
+        let mut out = NodeLogits::skeleton(&t);
+        assert_eq!(out.children.len(), 2);
+        assert_eq!(out.children[0].children.len(), 1);
+        assert!(out.children[1].children.is_empty());
+        assert!(out.then.is_some());
+        out.logits = vec![row(1.0), row(2.0)];
+        out.join_logits = vec![row(9.0)];
+        out.children[0].logits = vec![row(3.0)];
+        out.children[0].join_logits = vec![row(-1.0)];
+        out.children[0].children[0].logits = vec![row(8.0)];
+        out.children[1].logits = vec![row(4.0), row(5.0)];
+        out.then.as_mut().expect("then").logits = vec![row(7.0)];
+        let v = t.to_json(&out);
+        // It parses back to the same tree.
+        assert_eq!(TreeNode::parse(&v, "back", LIM).expect("parses back"), t);
+        assert_eq!(v["logits"], json!([[1.0, 1.5], [2.0, 2.5]]));
+        assert_eq!(v["returns"], Value::Null);
+        let fork = &v["fork"];
+        assert_eq!(fork["join"], "reprefill");
+        assert_eq!(fork["join_logits"], json!([[9.0, 9.5]]));
+        let kids = fork["children"].as_array().expect("children");
+        assert_eq!(kids[0]["logits"], json!([[3.0, 3.5]]));
+        // A reuse join has no join logits to write.
+        assert_eq!(kids[0]["fork"]["join"], "reuse");
+        assert!(kids[0]["fork"].get("join_logits").is_none());
+        assert_eq!(
+            kids[0]["fork"]["children"][0]["logits"],
+            json!([[8.0, 8.5]])
+        );
+        assert_eq!(kids[1]["logits"], json!([[4.0, 4.5], [5.0, 5.5]]));
+        assert_eq!(kids[1]["returns"], json!([6]));
+        assert_eq!(v["then"]["tokens"], json!([7]));
+        assert_eq!(v["then"]["logits"], json!([[7.0, 7.5]]));
+    }
+
+    #[test]
     fn counts_tokens_and_nodes() {
         let t = parse(r#"{"tokens":[1,2],"fork":{"join":"reprefill","children":[{"tokens":[3]},{"tokens":[4,5],"returns":[6]}]},"then":{"tokens":[7]}}"#)
             .expect("valid");
