@@ -570,6 +570,25 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// True when `id` is active with nothing queued: every token it was fed is cached, so
+    /// its caller may decide what comes next (false for an unknown id).
+    pub fn is_ready(&self, id: ThreadId) -> bool {
+        self.threads
+            .get(id)
+            .is_some_and(|t| t.state == ThreadState::Active && t.pending.is_empty())
+    }
+
+    /// Blocks `id`'s own cached tokens (those after its fork point) occupy, counted as a
+    /// private copy would (0 for an unknown id).
+    pub fn own_blocks(&self, id: ThreadId) -> usize {
+        self.threads.get(id).map_or(0, |t| {
+            t.view
+                .len()
+                .saturating_sub(t.fork_len)
+                .div_ceil(self.pool.block_size())
+        })
+    }
+
     /// True when some active thread has queued tokens.
     pub fn has_work(&self) -> bool {
         self.live.iter().any(|&id| {

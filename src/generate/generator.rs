@@ -429,8 +429,7 @@ impl<B: Backend> Generator<B> {
 
     /// Acts for thread `id` if all its queued tokens are cached.
     fn advance(&mut self, id: ThreadId) -> Result<bool> {
-        let t = self.engine.thread(id)?;
-        if t.state != ThreadState::Active || !t.pending.is_empty() {
+        if !self.engine.is_ready(id) {
             return Ok(false);
         }
         let Some(c) = self.ctl.get_mut(&id) else {

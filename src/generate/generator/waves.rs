@@ -39,11 +39,7 @@ impl<B: Backend> Generator<B> {
             .iter()
             .filter(|(_, c)| c.started && !c.done && c.role != Role::Root && c.fork.is_none())
             .map(|(&id, c)| {
-                let held = self
-                    .engine
-                    .thread(id)
-                    .map(|t| t.view.len().saturating_sub(t.fork_len).div_ceil(bs))
-                    .unwrap_or(0);
+                let held = self.engine.own_blocks(id);
                 self.policy
                     .blocks_per_child(c.prime.len(), bs)
                     .saturating_sub(held)
