@@ -60,6 +60,8 @@ def gguf(meta, tensors, version=3, align=32):
             return struct.pack("<If", 6, x)
         if kind == "bool":
             return struct.pack("<IB", 7, x)
+        if kind == "u32s":
+            return struct.pack("<IIQ", 9, 4, len(x)) + b"".join(struct.pack("<I", i) for i in x)
         if kind == "strs":
             return struct.pack("<IIQ", 9, 8, len(x)) + b"".join(s(i) for i in x)
         raise ValueError(kind)
@@ -108,6 +110,19 @@ def seed_gguf():
             ("output_norm.weight", [8], 0, f32(8, 1.0)),
         ]
         out("gguf_header", f"{arch}.gguf", gguf(meta, tensors))
+    # A tokenizer in the metadata: a few byte-level tokens, merges, a control token, BOS.
+    toks = ["a", "b", "c", "Ġ", "ab", "Ġc", "<Thread>", "1", ":", "Ċ"]
+    meta = [
+        ("tokenizer.ggml.model", ("str", "gpt2")),
+        ("tokenizer.ggml.pre", ("str", "smollm")),
+        ("tokenizer.ggml.tokens", ("strs", toks)),
+        ("tokenizer.ggml.token_type", ("u32s", [1, 1, 1, 1, 1, 1, 3, 1, 1, 1])),
+        ("tokenizer.ggml.merges", ("strs", ["a b", "Ġ c"])),
+        ("tokenizer.ggml.add_bos_token", ("bool", 1)),
+        ("tokenizer.ggml.bos_token_id", ("u32", 6)),
+        ("tokenizer.chat_template", ("str", "<|im_start|>user\n{{ m }}<|im_end|>")),
+    ]
+    out("gguf_header", "tokenizer.gguf", gguf(meta, []))
     out("gguf_header", "v2-empty.gguf", gguf([("general.alignment", ("u32", 64))], [], version=2, align=64))
 
 
