@@ -531,4 +531,30 @@ mod tests {
         assert_eq!(v.len(), 0);
         assert!(pool.all_free());
     }
+
+    #[test]
+    fn shape_changes_unless_the_tail_grows_in_place() {
+        let mut pool = BlockPool::new(16, 4);
+        let mut copies = Vec::new();
+        let ns = SharedTail::NewSpan;
+        let mut v = KvView::new();
+        assert!(v.is_empty());
+        v.append(2, &mut pool, &mut copies, ns).expect("room");
+        assert!(!v.is_empty() && !v.spans()[0].is_empty());
+        let s0 = v.shape();
+        // Its own list: the tail grows in place, across a block boundary too.
+        v.append(3, &mut pool, &mut copies, ns).expect("room");
+        assert_eq!((v.shape(), v.spans().len()), (s0, 1));
+        // A fork's shared tail: the append opens a new span, a new shape.
+        let mut child = v.share(&mut pool);
+        child.append(1, &mut pool, &mut copies, ns).expect("room");
+        assert_eq!(child.spans().len(), 2);
+        assert_ne!(child.shape(), s0);
+        let s1 = child.shape();
+        child.release(&mut pool);
+        assert!(child.is_empty());
+        assert_ne!(child.shape(), s1);
+        v.release(&mut pool);
+        assert!(pool.all_free());
+    }
 }

@@ -609,3 +609,109 @@ fn normalize(view: &KvView, mut c: Cursor) -> Cursor {
 fn row_limit(view_len: usize, t: &PlanInput, i: u32) -> u32 {
     (view_len - t.rows as usize + i as usize + 1) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{BlockPool, SharedTail};
+    use crate::plan::PlanThread;
+
+    fn grow(v: &mut KvView, n: usize, pool: &mut BlockPool) {
+        assert!(v
+            .append(n, pool, &mut Vec::new(), SharedTail::NewSpan)
+            .is_some());
+    }
+
+    /// [`AttentionPlan::build`] over the same threads.
+    fn scratch(
+        views: &[KvView],
+        threads: &[PlanInput],
+        mode: AttentionMode,
+        split: usize,
+        bs: usize,
+    ) -> AttentionPlan {
+        let pts: Vec<PlanThread> = threads
+            .iter()
+            .map(|t| PlanThread {
+                chunks: views[t.key].chunks(bs),
+                rows: (0..t.rows)
+                    .map(|i| (t.first_row + i, row_limit(views[t.key].len(), t, i)))
+                    .collect(),
+            })
+            .collect();
+        AttentionPlan::build(&pts, mode, split)
+    }
+
+    #[test]
+    fn counts_builds_and_updates_and_tails_grow_in_reserved_room() {
+        // One thread decoding without a split: the first step builds, the next ones
+        // update in place (6 new blocks) inside the room the build reserved.
+        let bs = 4;
+        let mut pool = BlockPool::new(64, bs);
+        let mut views = vec![KvView::new()];
+        grow(&mut views[0], 5, &mut pool);
+        let threads = [PlanInput {
+            key: 0,
+            first_row: 0,
+            rows: 1,
+        }];
+        let mut planner = Planner::new(AttentionMode::Forked, 0, bs);
+        let mut plan = AttentionPlan::default();
+        planner.step(&threads, &views[..], &mut plan);
+        assert_eq!(planner.counts(), (1, 0));
+        let cap = plan.chunks.capacity();
+        for s in 0..24 {
+            grow(&mut views[0], 1, &mut pool);
+            planner.step(&threads, &views[..], &mut plan);
+            let want = scratch(&views, &threads, AttentionMode::Forked, 0, bs);
+            assert_eq!(plan, want, "step {s}");
+        }
+        assert_eq!(planner.counts(), (1, 24));
+        assert_eq!(
+            plan.chunks.capacity(),
+            cap,
+            "the tail grew without reallocating"
+        );
+        // After invalidate, even a pure decode step builds from scratch.
+        grow(&mut views[0], 1, &mut pool);
+        planner.invalidate();
+        planner.step(&threads, &views[..], &mut plan);
+        assert_eq!(planner.counts(), (2, 24));
+        assert_eq!(
+            plan,
+            scratch(&views, &threads, AttentionMode::Forked, 0, bs)
+        );
+    }
+
+    #[test]
+    fn a_build_leaves_room_for_an_item_per_thread() {
+        // Four separate threads: the next build may add an item (and a partial) per thread
+        // without reallocating.
+        let bs = 4;
+        let mut pool = BlockPool::new(64, bs);
+        let mut views: Vec<KvView> = (0..4).map(|_| KvView::new()).collect();
+        for (i, v) in views.iter_mut().enumerate() {
+            grow(v, 3 + i, &mut pool);
+        }
+        let threads: Vec<PlanInput> = (0..4)
+            .map(|k| PlanInput {
+                key: k,
+                first_row: k as u32,
+                rows: 1,
+            })
+            .collect();
+        let mut planner = Planner::new(AttentionMode::Forked, 8, bs);
+        let mut plan = AttentionPlan::default();
+        planner.step(&threads, &views[..], &mut plan);
+        assert_eq!(
+            plan,
+            scratch(&views, &threads, AttentionMode::Forked, 8, bs)
+        );
+        let room = |v: &Vec<u32>| v.capacity() - v.len();
+        assert!(room(&plan.item_chunk_ptr) >= 4);
+        assert!(room(&plan.item_view_start) >= 4);
+        assert!(room(&plan.item_row_ptr) >= 4);
+        assert!(room(&plan.item_rows) >= 8);
+        assert!(room(&plan.row_partials) >= 8);
+    }
+}
