@@ -557,4 +557,36 @@ mod tests {
         v.release(&mut pool);
         assert!(pool.all_free());
     }
+
+    #[test]
+    fn an_owned_list_whose_full_last_block_is_shared_grows_in_place() {
+        // A join's suffix view owns its chunk list, but its full last block is still held by
+        // the child's view: the next token goes to a fresh block in the same span, with no
+        // copy and no new span.
+        let mut pool = BlockPool::new(16, 4);
+        let mut copies = Vec::new();
+        let mut parent = KvView::new();
+        parent
+            .append(8, &mut pool, &mut copies, SharedTail::NewSpan)
+            .expect("room");
+        assert_eq!(parent.spans()[0].len(), 8);
+        let mut own = parent.suffix(4, &mut pool);
+        assert_ne!(own, parent, "views of different tokens differ");
+        for tail in [SharedTail::NewSpan, SharedTail::CopyOnWrite] {
+            let mut v = parent.suffix(4, &mut pool);
+            let slots = v.append(1, &mut pool, &mut copies, tail).expect("room");
+            assert!(copies.is_empty(), "{tail:?}: a full block is never copied");
+            assert_eq!(
+                v.spans().len(),
+                1,
+                "{tail:?}: the owned list grows in place"
+            );
+            assert_eq!(v.spans()[0].len(), 5);
+            assert_eq!(slots[0] % 4, 0, "{tail:?}: a fresh block");
+            v.release(&mut pool);
+        }
+        own.release(&mut pool);
+        parent.release(&mut pool);
+        assert!(pool.all_free());
+    }
 }
