@@ -43,6 +43,11 @@ impl<B: Backend> Engine<B> {
                 }
                 len += c.len as usize;
             }
+            if t.view.last_chunk() != t.view.chunk_iter().last() {
+                return Err(format!(
+                    "thread {id}: the view's copy of its last chunk is stale"
+                ));
+            }
             if len != t.view.len() || t.view.len() > t.ctx_tokens.len() {
                 return Err(format!(
                     "thread {id}: view of {} tokens, chunks hold {len}, context {}",

@@ -128,6 +128,9 @@ pub struct KvView {
     /// Bumped by every change other than an append in place at the tail (new span, copy,
     /// truncate, extend, release): equal shapes mean only the tail grew.
     shape: u64,
+    /// A copy of the last chunk, so the per-step questions (is there room, which block)
+    /// do not chase the span list, its shared list and its buffer for every thread.
+    last: Option<Chunk>,
 }
 
 impl PartialEq for KvView {
@@ -167,7 +170,12 @@ impl KvView {
 
     /// The last chunk (where the next token goes when it has room).
     pub fn last_chunk(&self) -> Option<Chunk> {
-        self.spans.last().and_then(|s| s.chunks().last().copied())
+        self.last
+    }
+
+    /// Recomputes the copy of the last chunk after a change to the span list.
+    fn refresh_last(&mut self) {
+        self.last = self.spans.last().and_then(|s| s.chunks().last().copied());
     }
 
     /// Every block occurrence in the view (one per chunk).
@@ -197,6 +205,7 @@ impl KvView {
         self.spans.clear();
         self.len = 0;
         self.shape += 1;
+        self.last = None;
     }
 
     /// A new view over tokens `start..` of this one (a child's own part at a join),
@@ -226,6 +235,7 @@ impl KvView {
                 out.spans.push(s);
             }
         }
+        out.refresh_last();
         out
     }
 
@@ -276,6 +286,7 @@ impl KvView {
         }
         self.spans.truncate(keep_spans);
         self.len = len;
+        self.refresh_last();
     }
 
     /// Appends another view's spans after this one's (a join by KV reuse); takes its references.
@@ -283,6 +294,7 @@ impl KvView {
         self.len += other.len;
         self.spans.extend(other.spans);
         self.shape += 1;
+        self.refresh_last();
     }
 
     /// Free blocks an append of `n` tokens needs under `tail` (a copy-on-write copy included).
@@ -337,8 +349,7 @@ impl KvView {
         let bs = pool.block_size();
         // Can the tokens go on in the tail span's own chunk list?
         let mut in_place = false;
-        if let Some(span) = self.spans.last_mut() {
-            let last = span.chunks()[span.used - 1];
+        if let (Some(last), Some(span)) = (self.last, self.spans.last_mut()) {
             let room = (last.start + last.len) < bs as u32;
             if room && pool.refcount(last.block) > 1 {
                 if tail == SharedTail::CopyOnWrite {
@@ -357,10 +368,12 @@ impl KvView {
                     if span.used == 0 {
                         self.spans.pop();
                     }
-                    self.spans.push(Span::new(Chunk {
+                    let copied = Chunk {
                         block: copy,
                         ..last
-                    }));
+                    };
+                    self.spans.push(Span::new(copied));
+                    self.last = Some(copied);
                     in_place = true;
                 }
             } else {
@@ -386,6 +399,7 @@ impl KvView {
                 };
                 slots.push(c.block * bs as u32 + c.start + c.len);
                 c.len += 1;
+                self.last = Some(*c);
             } else {
                 let Some(block) = pool.allocate() else {
                     return false;
@@ -404,6 +418,7 @@ impl KvView {
                     }
                     _ => self.spans.push(Span::new(chunk)),
                 }
+                self.last = Some(chunk);
             }
         }
         self.len += n;
