@@ -42,42 +42,52 @@ pub struct Pending {
 }
 
 /// One reasoning thread.
+///
+/// Laid out for the step: the fields every decode step touches come first, so a thread's
+/// per-step work reads its first two cache lines (and the third in `build_batch`) instead
+/// of five scattered ones; the tree's bookkeeping follows.
 #[derive(Debug, Clone)]
+#[repr(C, align(64))]
 pub struct Thread {
+    // Cache line 0.
+    pub state: ThreadState,
+    /// Logits at every fed token, not only the last queued one.
+    pub all_logits: bool,
+    /// Position the next fed token gets.
+    pub next_pos: u32,
+    /// Cached context.
+    pub view: KvView,
+    // Cache line 1.
+    /// Tokens queued for the next steps.
+    pub pending: VecDeque<Pending>,
+    /// `[context len - fork_len]` token ids of the thread's own context part (from its
+    /// fork point on; a root's whole context), in context order. A fork copies nothing:
+    /// the shared part is the parent's.
+    pub own_tokens: Vec<u32>,
+    /// Tokens this thread fed (not counting recompute after preemption).
+    pub tokens_fed: usize,
+    // Cache line 2 on: read when the tree changes.
+    /// `[own_tokens.len()]` their positions.
+    pub own_pos: Vec<u32>,
     pub id: ThreadId,
     /// The request this thread belongs to (the root thread's id).
     pub request: ThreadId,
     pub parent: Option<ThreadId>,
     /// Child indices from the root: the thread's path in the tree.
     pub path: Vec<u32>,
-    pub state: ThreadState,
     pub children: Vec<ThreadId>,
-    /// Cached context.
-    pub view: KvView,
-    /// `[view.len()]` token ids of the cached context, in context order.
-    pub ctx_tokens: Vec<u32>,
-    /// `[view.len()]` their positions.
-    pub ctx_pos: Vec<u32>,
-    /// Position the next fed token gets.
-    pub next_pos: u32,
     /// Context length when this thread was forked (its own part starts there).
     pub fork_len: usize,
     /// Leading context tokens this thread cannot recompute as one sequence of its own: the
     /// shared prefix, and everything up to its last KV-reuse join (children's K/V were
     /// computed with their own visibility). Preemption keeps them.
     pub pinned_len: usize,
-    /// KV-reuse joins this thread has made (children's caches merged into its context).
-    pub reuse_joins: u32,
-    /// Tokens queued for the next steps.
-    pub pending: VecDeque<Pending>,
     /// Tokens handed back at a re-prefill join instead of the transcript (APR).
     pub returns: Option<Vec<u32>>,
-    /// Tokens this thread fed (not counting recompute after preemption).
-    pub tokens_fed: usize,
+    /// KV-reuse joins this thread has made (children's caches merged into its context).
+    pub reuse_joins: u32,
     /// Give the blocks back at finish (a re-prefill join needs only the tokens).
     pub release_on_finish: bool,
-    /// Logits at every fed token, not only the last queued one.
-    pub all_logits: bool,
 }
 
 impl Thread {
@@ -88,7 +98,18 @@ impl Thread {
 
     /// Tokens of the thread's own context part (after its fork point), in order.
     pub fn transcript(&self) -> &[u32] {
-        &self.ctx_tokens[self.fork_len.min(self.ctx_tokens.len())..]
+        &self.own_tokens
+    }
+
+    /// Tokens of the thread's context: the shared part up to its fork point and its own.
+    pub fn context_len(&self) -> usize {
+        self.fork_len + self.own_tokens.len()
+    }
+
+    /// True while the cache still holds the whole context (a thread that gave its blocks
+    /// back at finish does not).
+    pub fn cache_intact(&self) -> bool {
+        self.view.len() == self.context_len()
     }
 
     /// Queues `tokens` at the next positions.
@@ -105,5 +126,20 @@ impl Thread {
             });
             self.next_pos += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// The step's fields stay in the thread's first two cache lines (see [`Thread`]).
+    #[test]
+    fn step_fields_fill_the_first_two_cache_lines() {
+        assert_eq!(std::mem::align_of::<Thread>(), 64);
+        assert!(offset_of!(Thread, view) + size_of::<KvView>() <= 64);
+        assert!(offset_of!(Thread, pending) >= 64);
+        assert!(offset_of!(Thread, tokens_fed) + size_of::<usize>() <= 128);
     }
 }

@@ -217,7 +217,7 @@ fn multiverse_reuse_join_keeps_children_kv_and_jumps_position() {
     // Context: prompt, root tokens up to </Goal>, both paths' own tokens, <Conclusion>, ...
     let root = g.engine().thread(id).expect("root");
     let goal_end = out.context.iter().position(|&x| x == 12).expect("</Goal>");
-    let p = root.ctx_pos[goal_end] + 1;
+    let p = root.own_pos[goal_end] + 1;
     let kids = &out.threads[0].forks[0];
     let lens: Vec<usize> = kids
         .iter()
@@ -233,13 +233,13 @@ fn multiverse_reuse_join_keeps_children_kv_and_jumps_position() {
         "<Conclusion> follows the merged paths"
     );
     assert_eq!(
-        root.ctx_pos[conclusion],
+        root.own_pos[conclusion],
         p + *lens.iter().max().expect("lens") as u32,
         "position jumps past the longest path"
     );
     // Both paths started at the same position.
-    assert_eq!(root.ctx_pos[goal_end + 1], p);
-    assert_eq!(root.ctx_pos[goal_end + 1 + lens[0]], p);
+    assert_eq!(root.own_pos[goal_end + 1], p);
+    assert_eq!(root.own_pos[goal_end + 1 + lens[0]], p);
 }
 
 #[test]
@@ -267,7 +267,7 @@ fn apr_children_see_only_their_message_and_return_only_results() {
     let kids = out.threads[0].forks[0].clone();
     for &k in &kids {
         let t = g.engine().thread(k).expect("kid");
-        assert_eq!(t.ctx_pos[0], 0, "an APR child starts at position 0");
+        assert_eq!(t.own_pos[0], 0, "an APR child starts at position 0");
         assert_eq!(t.fork_len, 0, "and sees none of the parent's context");
     }
     let text = tok.decode(&out.context).expect("decode");
@@ -670,7 +670,7 @@ fn take_output_frees_what_the_request_kept_and_the_generator_goes_on() {
     assert_eq!(out.threads.len(), 5);
     assert!(g.output(a).is_none(), "taken");
     assert!(
-        g.engine().thread(a).expect("root").ctx_tokens.is_empty(),
+        g.engine().thread(a).expect("root").own_tokens.is_empty(),
         "forgotten"
     );
     // The generator serves the next request as before.

@@ -129,10 +129,12 @@ fn drive(e: &mut Engine<NullBackend>, seed: u64, ops: usize) -> (u64, u64) {
                     })
                     .collect();
                 if let Some(p) = pick(&mut rng, &waiting) {
-                    let reusable = e.thread(p).expect("t").children.iter().all(|&c| {
-                        let t = e.thread(c).expect("c");
-                        t.view.len() == t.ctx_tokens.len()
-                    });
+                    let reusable = e
+                        .thread(p)
+                        .expect("t")
+                        .children
+                        .iter()
+                        .all(|&c| e.thread(c).expect("c").cache_intact());
                     let kind = if reusable && rng.next_u64().is_multiple_of(2) {
                         JoinKind::Reuse
                     } else {

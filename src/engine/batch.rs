@@ -13,8 +13,13 @@ impl<B: Backend> Engine<B> {
         let buf = &mut self.buf;
         let input = &mut buf.input;
         // The step's rows.
+        // Per-thread (naive) kernels would read each thread's whole view.
+        let mut naive = 0u64;
         for a in buf.batch.iter_mut() {
             let t = &mut self.threads[a.id];
+            let len = t.view.len();
+            naive += len as u64;
+            buf.private_blocks += len.div_ceil(bs) - (len - a.n).div_ceil(bs);
             a.first_row = input.tokens.len() as u32;
             let first_logit = input.logit_rows.len();
             for _ in 0..a.n {
@@ -24,8 +29,8 @@ impl<B: Backend> Engine<B> {
                 let row = input.tokens.len() as u32;
                 input.tokens.push(p.token);
                 input.positions.push(p.pos);
-                t.ctx_tokens.push(p.token);
-                t.ctx_pos.push(p.pos);
+                t.own_tokens.push(p.token);
+                t.own_pos.push(p.pos);
                 if p.emit {
                     t.tokens_fed += 1;
                 }
@@ -59,23 +64,13 @@ impl<B: Backend> Engine<B> {
         }));
         self.planner
             .step(&buf.plan_inputs, self.threads.as_slice(), &mut input.plan);
-        // Counters: a per-thread kernel reads each thread's whole view.
-        let naive: u64 = buf
-            .batch
-            .iter()
-            .map(|a| self.threads[a.id].view.len() as u64)
-            .sum();
         let layers = self.backend.config().num_layers as u64;
         self.stats.kv_tokens_read += input.plan.kv_tokens_read * layers;
         self.stats.kv_tokens_read_naive += naive * layers;
         self.stats.cow_copies += input.copies.len() as u64;
         self.stats.steps += 1;
         self.stats.peak_width = self.stats.peak_width.max(buf.batch.len());
-        let private: usize = self
-            .live
-            .iter()
-            .map(|&id| self.threads[id].view.len().div_ceil(bs))
-            .sum();
-        self.stats.blocks_without_sharing = self.stats.blocks_without_sharing.max(private);
+        self.stats.blocks_without_sharing =
+            self.stats.blocks_without_sharing.max(buf.private_blocks);
     }
 }

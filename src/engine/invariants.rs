@@ -48,14 +48,17 @@ impl<B: Backend> Engine<B> {
                     "thread {id}: the view's copy of its last chunk is stale"
                 ));
             }
-            if len != t.view.len() || t.view.len() > t.ctx_tokens.len() {
+            if len != t.view.len() || t.view.len() > t.context_len() {
                 return Err(format!(
                     "thread {id}: view of {} tokens, chunks hold {len}, context {}",
                     t.view.len(),
-                    t.ctx_tokens.len()
+                    t.context_len()
                 ));
             }
-            if t.ctx_tokens.len() != t.ctx_pos.len() || t.pinned_len > t.ctx_tokens.len() {
+            if t.own_tokens.len() != t.own_pos.len()
+                || t.pinned_len > t.context_len()
+                || t.pinned_len < t.fork_len
+            {
                 return Err(format!(
                     "thread {id}: context tokens, positions and pin disagree"
                 ));

@@ -25,12 +25,17 @@ impl<B: Backend> Engine<B> {
         input.slots.clear();
         input.logit_rows.clear();
         input.copies.clear();
+        // One pass over the live threads: the candidates, and the blocks the live threads
+        // would hold without sharing (the batch's appends are added in `build_batch`).
+        let mut private = 0usize;
         for &id in &self.live {
             let t = &self.threads[id];
+            private += t.view.len().div_ceil(bs);
             if t.state == ThreadState::Active && !t.pending.is_empty() {
                 buf.candidates.push(id);
             }
         }
+        buf.private_blocks = private;
         if buf.candidates.is_empty() {
             return Ok(false);
         }
@@ -75,7 +80,10 @@ impl<B: Backend> Engine<B> {
             });
             match victim {
                 Some(v) => {
-                    preempt(&mut self.threads[v], &mut self.pool, &mut self.stats);
+                    let t = &mut self.threads[v];
+                    buf.private_blocks -= t.view.len().div_ceil(bs);
+                    preempt(t, &mut self.pool, &mut self.stats);
+                    buf.private_blocks += t.view.len().div_ceil(bs);
                     buf.preempted.push(v);
                 }
                 None => {
@@ -105,9 +113,11 @@ impl<B: Backend> Engine<B> {
 /// queues them again (with their positions) before its queued ones, so nothing is lost.
 fn preempt(t: &mut Thread, pool: &mut BlockPool, stats: &mut EngineStats) {
     let keep = t.pinned_len;
-    let requeue = t.ctx_tokens[keep..]
+    // The pinned part holds the fork point, so the dropped tokens are all the thread's own.
+    let own_keep = keep.saturating_sub(t.fork_len);
+    let requeue = t.own_tokens[own_keep..]
         .iter()
-        .zip(&t.ctx_pos[keep..])
+        .zip(&t.own_pos[own_keep..])
         .rev()
         .map(|(&token, &pos)| Pending {
             token,
@@ -118,8 +128,8 @@ fn preempt(t: &mut Thread, pool: &mut BlockPool, stats: &mut EngineStats) {
         t.pending.push_front(p);
     }
     t.view.truncate(keep, pool);
-    t.ctx_tokens.truncate(keep);
-    t.ctx_pos.truncate(keep);
+    t.own_tokens.truncate(own_keep);
+    t.own_pos.truncate(own_keep);
     stats.preemptions += 1;
     if t.reuse_joins > 0 {
         stats.preemptions_after_reuse_join += 1;

@@ -12,8 +12,9 @@ use super::block_pool::{BlockId, BlockPool};
 use std::sync::Arc;
 
 /// Chunks a fresh tail span reserves room for, so a decoding thread's chunk list grows
-/// without reallocating for its first `TAIL_CAPACITY` blocks.
-const TAIL_CAPACITY: usize = 64;
+/// without reallocating for its first `TAIL_CAPACITY` blocks (4,096 tokens at the default
+/// block size, as many as the engine's context vectors reserve).
+const TAIL_CAPACITY: usize = 256;
 
 /// A piece of a span inside one block: `len` tokens from slot `start` of `block`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

@@ -121,7 +121,8 @@ impl Planner {
         }
     }
 
-    /// Applies a pure decode step in place; false (nothing changed) when it is not one.
+    /// Applies a pure decode step in place, in one pass over the threads; false when it is
+    /// not one. A false return may leave `plan` half updated: the caller rebuilds it.
     fn update<V: ViewSource + ?Sized>(
         &mut self,
         threads: &[PlanInput],
@@ -132,44 +133,33 @@ impl Planner {
             return false;
         }
         self.inserts.clear();
-        for (k, (t, m)) in threads.iter().zip(&self.memory).enumerate() {
+        for (k, (t, m)) in threads.iter().zip(&mut self.memory).enumerate() {
+            let view = views.view(t.key);
             let same = t.key == m.key
-                && views.view(t.key).shape() == m.shape
-                && views.view(t.key).len() == m.len + 1
+                && view.shape() == m.shape
+                && view.len() == m.len + 1
                 && t.rows == 1
                 && t.first_row == k as u32;
-            let (Some(item), true) = (m.tail_item, same) else {
-                return false;
-            };
-            let Some(last) = views.view(t.key).last_chunk() else {
+            let (Some(item), Some(last), true) = (m.tail_item, view.last_chunk(), same) else {
                 return false;
             };
             let end = plan.item_chunk_ptr[item as usize + 1] as usize;
-            let old = plan.chunks[end - 1];
-            let grows = old.block == last.block && old.start == last.start;
-            if !grows {
+            let tail = &mut plan.chunks[end - 1];
+            if tail.block == last.block && tail.start == last.start {
+                if tail.len + 1 != last.len {
+                    return false;
+                }
+                tail.len = last.len;
+            } else {
                 // A new block: the item gains a chunk unless it already reached the split.
                 if self.split > 0 && m.tail_len >= self.split {
                     return false;
                 }
                 self.inserts.push((item, last));
-            } else if old.len + 1 != last.len {
-                return false;
             }
-        }
-        // Committed: nothing below can fail.
-        for (k, t) in threads.iter().enumerate() {
-            let m = &mut self.memory[k];
             m.len += 1;
             m.tail_len += 1;
             plan.row_limit[k] += 1;
-            if let (Some(item), Some(last)) = (m.tail_item, views.view(t.key).last_chunk()) {
-                let end = plan.item_chunk_ptr[item as usize + 1] as usize;
-                let c = &mut plan.chunks[end - 1];
-                if c.block == last.block && c.start == last.start {
-                    c.len = last.len;
-                }
-            }
         }
         plan.kv_tokens_read += threads.len() as u64;
         self.insert_chunks(plan);

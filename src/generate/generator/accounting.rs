@@ -120,7 +120,7 @@ impl<B: Backend> Generator<B> {
         };
         let context = match reason {
             EndReason::Error | EndReason::Cancelled => Vec::new(),
-            _ => self.engine.thread(root)?.ctx_tokens.clone(),
+            _ => self.engine.thread(root)?.own_tokens.clone(),
         };
 
         self.events.push(Event::Finished {
