@@ -76,6 +76,8 @@ fn drive(e: &mut Engine<NullBackend>, seed: u64, ops: usize) -> (u64, u64) {
     let tok = |rng: &mut Rng| (rng.next_u64() % vocab) as u32;
     let mut roots: Vec<ThreadId> = Vec::new();
     let (mut steps, builds0) = (0u64, e.plan_counts());
+    let bs = e.pool().block_size();
+    let mut peak_private = e.stats().blocks_without_sharing;
     for op in 0..ops {
         let live: Vec<ThreadId> = e
             .threads()
@@ -189,6 +191,19 @@ fn drive(e: &mut Engine<NullBackend>, seed: u64, ops: usize) -> (u64, u64) {
                 "seed {seed}, op {op}: the incremental plan differs from the one built from scratch"
             );
             e.check_refcounts().expect("refcounts");
+            // The step's counter, kept incrementally, against a count over every thread.
+            let private: usize = e
+                .threads()
+                .iter()
+                .filter(|t| t.state != ThreadState::Retired)
+                .map(|t| t.view.len().div_ceil(bs))
+                .sum();
+            peak_private = peak_private.max(private);
+            assert_eq!(
+                e.stats().blocks_without_sharing,
+                peak_private,
+                "seed {seed}, op {op}: blocks without sharing"
+            );
         }
     }
     (steps, e.plan_counts().1 - builds0.1)
