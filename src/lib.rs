@@ -50,5 +50,5 @@ pub use device::{run_on, Device, EngineJob};
 pub use engine::{Engine, EngineConfig, EngineStats, StepOutput};
 pub use error::{Result, SpindleError};
 pub use plan::AttentionMode;
-pub use tree::{JoinKind, ThreadId};
+pub use tree::{JoinKind, RequestId, ThreadId};
 pub mod replay;

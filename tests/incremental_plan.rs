@@ -174,7 +174,7 @@ fn drive(e: &mut Engine<NullBackend>, seed: u64, ops: usize) -> (u64, u64) {
                 Err(spindle::SpindleError::ThreadDoesNotFit { request, .. }) => {
                     // The pool is too small for this tree even after preemption: drop it.
                     e.cancel(request).expect("cancel");
-                    roots.retain(|&r| r != request);
+                    roots.retain(|&r| e.request_of(r).expect("root") != request);
                     continue;
                 }
                 Err(err) => panic!("step: {err}"),
@@ -234,7 +234,7 @@ fn a_long_decode_updates_in_place_across_blocks_and_splits() {
     }
     let kids = e.fork(root, 8, true).expect("fork");
     for &k in &kids {
-        e.feed(k, &[k as u32]).expect("feed");
+        e.feed(k, &[k.index() as u32]).expect("feed");
     }
     let (b0, u0) = e.plan_counts();
     for s in 0..300u32 {

@@ -53,7 +53,7 @@ impl<B: Backend> Engine<B> {
         }
         buf.plan_inputs.clear();
         buf.plan_inputs.extend(buf.batch.iter().map(|a| PlanInput {
-            key: a.id,
+            key: a.id.index(),
             first_row: a.first_row,
             rows: a.n as u32,
         }));

@@ -18,7 +18,7 @@ mod invariants;
 mod output;
 mod schedule;
 
-use crate::tree::{JoinKind, Pending, Thread, ThreadId, ThreadState, MAX_POSITION};
+use crate::tree::{JoinKind, Pending, RequestId, Thread, ThreadId, ThreadState, MAX_POSITION};
 pub use output::{EngineStats, StepOutput, ThreadOutput};
 use std::collections::BTreeSet;
 
@@ -86,6 +86,8 @@ pub struct Engine<B: Backend> {
     backend: B,
     pool: BlockPool,
     threads: Vec<Thread>,
+    /// Each request's current root thread, indexed by [`RequestId`].
+    roots: Vec<ThreadId>,
     /// Threads not yet retired, oldest first: what every per-step scan walks, so a long
     /// run's retired threads cost nothing per step.
     live: BTreeSet<ThreadId>,
@@ -104,6 +106,7 @@ impl<B: Backend> Engine<B> {
             backend,
             pool,
             threads: Vec::new(),
+            roots: Vec::new(),
             live: BTreeSet::new(),
             cfg,
             stats: EngineStats::default(),
@@ -146,13 +149,13 @@ impl<B: Backend> Engine<B> {
     /// [`SpindleError::UnknownThread`] for an id the engine never gave out.
     pub fn thread(&self, id: ThreadId) -> Result<&Thread> {
         self.threads
-            .get(id)
+            .get(id.index())
             .ok_or(SpindleError::UnknownThread { thread: id })
     }
 
     fn thread_mut(&mut self, id: ThreadId) -> Result<&mut Thread> {
         self.threads
-            .get_mut(id)
+            .get_mut(id.index())
             .ok_or(SpindleError::UnknownThread { thread: id })
     }
 
@@ -197,10 +200,10 @@ impl<B: Backend> Engine<B> {
                 positions: positions.len(),
             });
         }
-        let id = self.threads.len();
+        let id = ThreadId(self.threads.len());
         let mut t = Thread {
             id,
-            request: id,
+            request: RequestId(self.roots.len()),
             parent: None,
             path: Vec::new(),
             state: ThreadState::Active,
@@ -234,6 +237,7 @@ impl<B: Backend> Engine<B> {
         }
         t.next_pos = positions.iter().max().map_or(0, |p| p + 1);
         self.threads.push(t);
+        self.roots.push(id);
         self.live.insert(id);
         self.after_change();
         Ok(id)
@@ -320,7 +324,7 @@ impl<B: Backend> Engine<B> {
         let parent = parent.clone();
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let cid = self.threads.len();
+            let cid = ThreadId(self.threads.len());
             let mut path = parent.path.clone();
             path.push(i as u32);
             let (view, ctx_tokens, ctx_pos, pos) = if share_context {
@@ -420,7 +424,7 @@ impl<B: Backend> Engine<B> {
 
     /// True when every child of `id` has finished.
     pub fn children_done(&self, id: ThreadId) -> bool {
-        self.threads.get(id).is_some_and(|t| {
+        self.threads.get(id.index()).is_some_and(|t| {
             t.children
                 .iter()
                 .all(|&c| self.threads[c].state == ThreadState::Finished)
@@ -533,21 +537,53 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// The request `id` belongs to.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`] for an id the engine never gave out.
+    pub fn request_of(&self, id: ThreadId) -> Result<RequestId> {
+        Ok(self.thread(id)?.request)
+    }
+
+    /// A request's current root thread.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownRequest`] for an id the engine never gave out.
+    pub fn root_of(&self, request: RequestId) -> Result<ThreadId> {
+        self.roots
+            .get(request.index())
+            .copied()
+            .ok_or(SpindleError::UnknownRequest { request })
+    }
+
     /// Cancels a request: every thread of it retires and its blocks return to the pool at
     /// once, whatever it was doing (prefilling, decoding, waiting on children, preempted).
     /// Cancelling a request that already ended does nothing.
     ///
     /// # Errors
-    /// [`SpindleError::UnknownRequest`] when `request` is not a request's id (its root
-    /// thread's).
-    pub fn cancel(&mut self, request: usize) -> Result<()> {
-        match self.threads.get(request) {
-            Some(t) if t.parent.is_none() => {}
-            _ => return Err(SpindleError::UnknownRequest { request }),
-        }
-        self.retire(request);
+    /// [`SpindleError::UnknownRequest`] for an id the engine never gave out.
+    pub fn cancel(&mut self, request: RequestId) -> Result<()> {
+        let root = self.root_of(request)?;
+        self.retire(root);
         self.after_change();
         Ok(())
+    }
+
+    /// Starts a request again from `prompt`: its threads retire (as [`Engine::cancel`])
+    /// and a new root thread, under the same request id, queues the prompt at positions
+    /// 0, 1, 2, ... Returns the new root.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownRequest`]; as [`Engine::add_request`] for the prompt.
+    pub fn restart_request(&mut self, request: RequestId, prompt: &[u32]) -> Result<ThreadId> {
+        self.cancel(request)?;
+        let root = self.add_request(prompt)?;
+        // `add_request` numbered a new request: give its root to this one instead.
+        self.roots.pop();
+        self.roots[request.index()] = root;
+        self.threads[root.index()].request = request;
+        self.after_change();
+        Ok(root)
     }
 
     /// Cancels one thread and its whole subtree; a root cancels its request. A cancelled
@@ -574,14 +610,14 @@ impl<B: Backend> Engine<B> {
     /// its caller may decide what comes next (false for an unknown id).
     pub fn is_ready(&self, id: ThreadId) -> bool {
         self.threads
-            .get(id)
+            .get(id.index())
             .is_some_and(|t| t.state == ThreadState::Active && t.pending.is_empty())
     }
 
     /// Blocks `id`'s own cached tokens (those after its fork point) occupy, counted as a
     /// private copy would (0 for an unknown id).
     pub fn own_blocks(&self, id: ThreadId) -> usize {
-        self.threads.get(id).map_or(0, |t| {
+        self.threads.get(id.index()).map_or(0, |t| {
             t.view
                 .len()
                 .saturating_sub(t.fork_len)
@@ -685,6 +721,20 @@ fn wrong_state(t: &Thread, op: Operation, needs: &'static str) -> SpindleError {
         state: t.state,
         queued: t.pending.len(),
         needs,
+    }
+}
+
+impl std::ops::Index<ThreadId> for Vec<Thread> {
+    type Output = Thread;
+
+    fn index(&self, id: ThreadId) -> &Thread {
+        &self[id.index()]
+    }
+}
+
+impl std::ops::IndexMut<ThreadId> for Vec<Thread> {
+    fn index_mut(&mut self, id: ThreadId) -> &mut Thread {
+        &mut self[id.index()]
     }
 }
 

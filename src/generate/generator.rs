@@ -17,7 +17,7 @@ use super::trace::TraceRecorder;
 use crate::backend::Backend;
 use crate::engine::Engine;
 use crate::error::{Result, SpindleError};
-use crate::tree::{JoinKind, ThreadId, ThreadState};
+use crate::tree::{JoinKind, RequestId, ThreadId, ThreadState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -77,7 +77,7 @@ struct ForkState {
 
 /// Driver state of one thread.
 struct ThreadCtl {
-    request: usize,
+    request: RequestId,
     role: Role,
     path: Vec<u32>,
     parent: Option<ThreadId>,
@@ -109,7 +109,7 @@ struct ThreadCtl {
 
 /// The driver state of a request's root thread, at its start.
 fn root_ctl(
-    request: usize,
+    request: RequestId,
     prompt: &[u32],
     protocol: &dyn Protocol,
     seed: u64,
@@ -155,8 +155,6 @@ const MAX_RESTARTS: usize = 8;
 
 /// Driver state of one request.
 struct RequestState {
-    /// Its current root thread (the request's id is its first root's).
-    root: ThreadId,
     prompt: Vec<u32>,
     /// Its token budget over all threads.
     budget: usize,
@@ -181,9 +179,9 @@ pub struct Generator<B: Backend> {
     engine: Engine<B>,
     policy: Policy,
     eos: Vec<u32>,
-    requests: BTreeMap<usize, RequestState>,
+    requests: BTreeMap<RequestId, RequestState>,
     ctl: BTreeMap<ThreadId, ThreadCtl>,
-    outputs: BTreeMap<usize, RequestOutput>,
+    outputs: BTreeMap<RequestId, RequestOutput>,
     events: Vec<Event>,
     steps: u64,
     trace: TraceRecorder,
@@ -231,12 +229,13 @@ impl<B: Backend> Generator<B> {
         self.steps
     }
 
-    /// Starts a request; returns its id (its root thread's id).
-    pub fn add_request(&mut self, req: Request) -> Result<usize> {
+    /// Starts a request; returns its id (the engine's).
+    pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
         if req.prompt.is_empty() {
             return Err(SpindleError::EmptyPrompt);
         }
         let root = self.engine.add_request(&req.prompt)?;
+        let request = self.engine.request_of(root)?;
         let budget = self
             .policy
             .request_budget
@@ -244,12 +243,11 @@ impl<B: Backend> Generator<B> {
         let seed = mix(req.sampling.seed, &[]);
         self.ctl.insert(
             root,
-            root_ctl(root, &req.prompt, req.protocol.as_ref(), seed, budget),
+            root_ctl(request, &req.prompt, req.protocol.as_ref(), seed, budget),
         );
         self.requests.insert(
-            root,
+            request,
             RequestState {
-                root,
                 prompt: req.prompt,
                 budget,
                 seed,
@@ -273,8 +271,8 @@ impl<B: Backend> Generator<B> {
             },
         );
         self.trace
-            .thread_start(root, root, format!("request {root} root"), self.steps);
-        Ok(root)
+            .thread_start(request, root, format!("request {request} root"), self.steps);
+        Ok(request)
     }
 
     /// True when every request has finished.
@@ -283,14 +281,14 @@ impl<B: Backend> Generator<B> {
     }
 
     /// A finished request's output.
-    pub fn output(&self, request: usize) -> Option<&RequestOutput> {
+    pub fn output(&self, request: RequestId) -> Option<&RequestOutput> {
         self.outputs.get(&request)
     }
 
     /// Removes and returns a finished request's output, and lets the engine and the
     /// generator drop everything else they kept about its threads: a long-running caller
     /// takes outputs this way so memory does not grow with every request served.
-    pub fn take_output(&mut self, request: usize) -> Result<Option<RequestOutput>> {
+    pub fn take_output(&mut self, request: RequestId) -> Result<Option<RequestOutput>> {
         let Some(out) = self.outputs.remove(&request) else {
             return Ok(None);
         };
@@ -306,7 +304,7 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Every finished request's output, by id.
-    pub fn outputs(&self) -> &BTreeMap<usize, RequestOutput> {
+    pub fn outputs(&self) -> &BTreeMap<RequestId, RequestOutput> {
         &self.outputs
     }
 
@@ -328,7 +326,7 @@ impl<B: Backend> Generator<B> {
         }
         if !self.engine.has_work() {
             // Every live thread waits on something that cannot happen: report, never hang.
-            let stuck: Vec<usize> = self
+            let stuck: Vec<RequestId> = self
                 .requests
                 .iter()
                 .filter(|(_, r)| !r.done)
@@ -341,11 +339,10 @@ impl<B: Backend> Generator<B> {
         }
         let out = match self.engine.step() {
             Ok(out) => out,
-            Err(e @ SpindleError::ThreadDoesNotFit { thread, .. }) => {
+            Err(e @ SpindleError::ThreadDoesNotFit { request, .. }) => {
                 // Even preemption cannot make room for this request's thread: the others'
                 // pinned prefixes hold the pool. Start it again later if others will free
                 // blocks; give it up (keeping the rest) if it cannot fit even alone.
-                let request = self.ctl.get(&thread).map_or(thread, |c| c.request);
                 let others = self
                     .requests
                     .iter()
@@ -365,7 +362,7 @@ impl<B: Backend> Generator<B> {
             self.events.push(Event::Preempted { thread: t });
         }
         self.trace.step(self.steps, out.threads.len(), out.rows);
-        let mut width: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut width: BTreeMap<RequestId, usize> = BTreeMap::new();
         for t in out.threads {
             let Some(c) = self.ctl.get_mut(&t.thread) else {
                 continue;
