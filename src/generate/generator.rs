@@ -75,12 +75,11 @@ struct ForkState {
     started: usize,
 }
 
-/// Driver state of one thread.
+/// Driver state of one thread: only what is the generator's own (protocol state, token
+/// source state, budgets). Its request, parent and path are the engine's thread tree's
+/// (`Engine::thread`, `Engine::request_of`).
 struct ThreadCtl {
-    request: RequestId,
     role: Role,
-    path: Vec<u32>,
-    parent: Option<ThreadId>,
     parser: Box<dyn ThreadParser>,
     seed: u64,
     rng: Rng,
@@ -108,18 +107,9 @@ struct ThreadCtl {
 }
 
 /// The driver state of a request's root thread, at its start.
-fn root_ctl(
-    request: RequestId,
-    prompt: &[u32],
-    protocol: &dyn Protocol,
-    seed: u64,
-    budget: usize,
-) -> ThreadCtl {
+fn root_ctl(prompt: &[u32], protocol: &dyn Protocol, seed: u64, budget: usize) -> ThreadCtl {
     ThreadCtl {
-        request,
         role: Role::Root,
-        path: Vec::new(),
-        parent: None,
         parser: protocol.parser(Role::Root),
         seed,
         rng: Rng::new(seed),
@@ -243,7 +233,7 @@ impl<B: Backend> Generator<B> {
         let seed = mix(req.sampling.seed, &[]);
         self.ctl.insert(
             root,
-            root_ctl(request, &req.prompt, req.protocol.as_ref(), seed, budget),
+            root_ctl(&req.prompt, req.protocol.as_ref(), seed, budget),
         );
         self.requests.insert(
             request,
@@ -337,8 +327,8 @@ impl<B: Backend> Generator<B> {
             }
             return Ok(std::mem::take(&mut self.events));
         }
-        let out = match self.engine.step() {
-            Ok(out) => out,
+        match self.engine.step() {
+            Ok(_) => {}
             Err(e @ SpindleError::ThreadDoesNotFit { request, .. }) => {
                 // Even preemption cannot make room for this request's thread: the others'
                 // pinned prefixes hold the pool. Start it again later if others will free
@@ -356,7 +346,10 @@ impl<B: Backend> Generator<B> {
                 return Ok(std::mem::take(&mut self.events));
             }
             Err(e) => return Err(e),
-        };
+        }
+        // The step's output again, borrowing the engine immutably so its thread tree can be
+        // read beside it.
+        let out = self.engine.last_output();
         self.steps += 1;
         for &t in out.preempted {
             self.events.push(Event::Preempted { thread: t });
@@ -367,7 +360,8 @@ impl<B: Backend> Generator<B> {
             let Some(c) = self.ctl.get_mut(&t.thread) else {
                 continue;
             };
-            *width.entry(c.request).or_default() += 1;
+            let thread = self.engine.thread(t.thread)?;
+            *width.entry(thread.request).or_default() += 1;
             // Draw the next token now, from the engine's logits buffer (no copy), for a
             // thread that will decide next; one about to fork or end does not draw.
             let Some(logits) = out.last_logits(t) else {
@@ -376,7 +370,7 @@ impl<B: Backend> Generator<B> {
             if c.done || !c.started || !matches!(c.after, After::Decide) {
                 continue;
             }
-            let Some(rs) = self.requests.get_mut(&c.request) else {
+            let Some(rs) = self.requests.get_mut(&thread.request) else {
                 continue;
             };
             let over_thread = c.role != Role::Root && c.count >= self.policy.thread_budget;
@@ -384,8 +378,8 @@ impl<B: Backend> Generator<B> {
                 Choice::OverBudget
             } else {
                 Choice::Token(rs.source.next_token(Decide {
-                    request: c.request,
-                    path: &c.path,
+                    request: thread.request,
+                    path: &thread.path,
                     generated: &c.generated,
                     logits,
                     rng: &mut c.rng,
@@ -460,7 +454,7 @@ impl<B: Backend> Generator<B> {
         let Some(c) = self.ctl.get(&id) else {
             return Ok(());
         };
-        let request = c.request;
+        let request = self.engine.request_of(id)?;
         let is_root = c.role == Role::Root;
         // Budgets first: a thread out of tokens ends where it is.
         let token = match choice {
@@ -472,12 +466,13 @@ impl<B: Backend> Generator<B> {
         };
         c.count += 1;
         rs.generated += 1;
-        let mut up = c.parent;
+        let mut up = self.engine.thread(id)?.parent;
         while let Some(a) = up {
-            up = self.ctl.get_mut(&a).and_then(|ac| {
-                ac.desc_count += 1;
-                ac.parent
-            });
+            let Some(ac) = self.ctl.get_mut(&a) else {
+                break;
+            };
+            ac.desc_count += 1;
+            up = self.engine.thread(a)?.parent;
         }
         let (Some(c), Some(rs)) = (self.ctl.get_mut(&id), self.requests.get_mut(&request)) else {
             return Ok(());
@@ -498,7 +493,7 @@ impl<B: Backend> Generator<B> {
             self.events.push(Event::Token {
                 request,
                 thread: id,
-                path: c.path.clone(),
+                path: self.engine.thread(id)?.path.clone(),
                 token,
             });
         }
@@ -532,7 +527,7 @@ impl<B: Backend> Generator<B> {
                 self.events.push(Event::Token {
                     request,
                     thread: id,
-                    path: c.path.clone(),
+                    path: self.engine.thread(id)?.path.clone(),
                     token: t,
                 });
             }
@@ -549,7 +544,7 @@ impl<B: Backend> Generator<B> {
                 }
             }
         }
-        let depth = c.path.len();
+        let depth = self.engine.thread(id)?.depth();
         let exhausted = c.remaining() == 0;
         if let Err(e) = self.engine.feed(id, &fed) {
             return self.fail(request, format!("token {token} from the token source: {e}"));
@@ -627,7 +622,7 @@ impl<B: Backend> Generator<B> {
         let Some(c) = self.ctl.get_mut(&id) else {
             return Ok(());
         };
-        let request = c.request;
+        let request = self.engine.request_of(id)?;
         let tr = c.parser.on_truncate(&c.generated);
         let is_root = c.role == Role::Root;
         if let Some(p) = tr.problem {
@@ -652,14 +647,14 @@ impl<B: Backend> Generator<B> {
             .ctl
             .get_mut(&id)
             .ok_or(SpindleError::UnknownThread { thread: id })?;
-        let request = c.request;
+        let request = self.engine.request_of(id)?;
         let fork_no = c.forks.len() as u64;
         // Split what the parent's subtree has left evenly (the first children get the
         // remainder): fixed at the fork, so independent of when each child runs.
         let (share, extra) = (c.remaining() / n, c.remaining() % n);
         c.forks.push(kids.clone());
         let parent_seed = c.seed;
-        let path = c.path.clone();
+        let path = self.engine.thread(id)?.path.clone();
         let protocol = self.requests[&request].protocol.clone();
         for (i, (&kid, child)) in kids.iter().zip(&spec.children).enumerate() {
             let seed = mix(parent_seed, &[fork_no, i as u64]);
@@ -667,10 +662,7 @@ impl<B: Backend> Generator<B> {
             self.ctl.insert(
                 kid,
                 ThreadCtl {
-                    request,
                     role,
-                    path: self.engine.thread(kid)?.path.clone(),
-                    parent: Some(id),
                     parser: protocol.parser(role),
                     seed,
                     rng: Rng::new(seed),
@@ -712,7 +704,7 @@ impl<B: Backend> Generator<B> {
             running: started.len(),
         });
         if started.len() < n {
-            self.push_waves(id, &started);
+            self.push_waves(id, &started)?;
         }
         Ok(())
     }
@@ -733,7 +725,8 @@ impl<B: Backend> Generator<B> {
         };
         c.done = true;
         c.end = Some(reason.clone());
-        let (request, path, parent) = (c.request, c.path.clone(), c.parent);
+        let thread = self.engine.thread(id)?;
+        let (request, path, parent) = (thread.request, thread.path.clone(), thread.parent);
         self.trace.thread_end(id, self.steps);
         self.events.push(Event::ThreadEnded {
             request,
@@ -767,7 +760,7 @@ impl<B: Backend> Generator<B> {
         let Some(fs) = c.fork.take() else {
             return Ok(());
         };
-        let request = c.request;
+        let request = self.engine.request_of(parent)?;
         let queued = self.engine.join(parent, fs.spec.join)?;
         self.engine.feed(parent, &fs.spec.after_join)?;
         let below = fs

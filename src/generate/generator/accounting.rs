@@ -91,15 +91,16 @@ impl<B: Backend> Generator<B> {
         let mut per_thread = Vec::new();
         for &id in &rs.threads {
             let Some(c) = self.ctl.get(&id) else { continue };
+            let t = self.engine.thread(id)?;
             per_thread.push(ThreadTokens {
                 thread: id,
-                path: path_label(&c.path),
+                path: path_label(&t.path),
                 tokens: c.count,
             });
             threads.push(ThreadRecord {
                 thread: id,
-                parent: c.parent,
-                path: c.path.clone(),
+                parent: t.parent,
+                path: t.path.clone(),
                 prime: c.prime.clone(),
                 generated: c.generated.clone(),
                 forks: c.forks.clone(),
@@ -165,13 +166,7 @@ impl<B: Backend> Generator<B> {
         rs.last_step = 0;
         rs.peak_width = 0;
         rs.thread_steps = 0;
-        let ctl = root_ctl(
-            request,
-            &rs.prompt,
-            rs.protocol.as_ref(),
-            rs.seed,
-            rs.budget,
-        );
+        let ctl = root_ctl(&rs.prompt, rs.protocol.as_ref(), rs.seed, rs.budget);
         self.ctl.insert(root, ctl);
         self.trace.thread_start(
             request,

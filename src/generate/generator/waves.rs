@@ -4,11 +4,11 @@
 use super::*;
 
 impl<B: Backend> Generator<B> {
-    pub(super) fn push_waves(&mut self, parent: ThreadId, started: &[ThreadId]) {
+    pub(super) fn push_waves(&mut self, parent: ThreadId, started: &[ThreadId]) -> Result<()> {
         let Some(c) = self.ctl.get(&parent) else {
-            return;
+            return Ok(());
         };
-        let Some(fs) = &c.fork else { return };
+        let Some(fs) = &c.fork else { return Ok(()) };
         let bs = self.engine.pool().block_size();
         let prime = fs
             .spec
@@ -22,7 +22,7 @@ impl<B: Backend> Generator<B> {
             .filter(|k| self.ctl.get(k).is_some_and(|k| !k.done))
             .count();
         self.events.push(Event::Waves {
-            request: c.request,
+            request: self.engine.request_of(parent)?,
             parent,
             children: fs.children.len(),
             running,
@@ -30,6 +30,7 @@ impl<B: Backend> Generator<B> {
             free_blocks: self.engine.pool().num_free(),
             blocks_per_child: self.policy.blocks_per_child(prime, bs),
         });
+        Ok(())
     }
 
     /// Blocks that running children may still claim under the policy's plan.
@@ -58,7 +59,7 @@ impl<B: Backend> Generator<B> {
         let Some(fs) = &c.fork else {
             return Ok(Vec::new());
         };
-        let request = c.request;
+        let request = self.engine.request_of(parent)?;
         let waiting: Vec<ThreadId> = fs.children[fs.started..].to_vec();
         if waiting.is_empty() {
             return Ok(Vec::new());
@@ -121,9 +122,9 @@ impl<B: Backend> Generator<B> {
     }
 
     pub(super) fn span_name(&self, id: ThreadId) -> String {
-        match self.ctl.get(&id) {
-            Some(c) => format!("[{}] t{id}", path_label(&c.path)),
-            None => format!("t{id}"),
+        match self.engine.thread(id) {
+            Ok(t) if self.ctl.contains_key(&id) => format!("[{}] t{id}", path_label(&t.path)),
+            _ => format!("t{id}"),
         }
     }
 
@@ -149,7 +150,7 @@ impl<B: Backend> Generator<B> {
                 .map_or(0, |f| f.started);
             let started = self.start_children(p)?;
             if !started.is_empty() {
-                self.push_waves(p, &started);
+                self.push_waves(p, &started)?;
             }
             let after = self
                 .ctl
