@@ -454,7 +454,8 @@ fn stop_sequences_end_the_root() {
 #[test]
 fn small_kv_pool_runs_children_in_waves_with_the_same_result() {
     let tok = tok();
-    // Each child is planned at ceil((3 + 40) / 4) + 1 = 12 blocks.
+    // Each child is planned at ceil((3 + 40) / 4) = 11 blocks (a fresh span after the
+    // shared tail block, as the engine counts it).
     let policy = Policy {
         child_growth_tokens: 40,
         ..small_policy()

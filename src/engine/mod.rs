@@ -625,6 +625,23 @@ impl<B: Backend> Engine<B> {
         })
     }
 
+    /// Tokens of `id`'s cached context after its fork point (its own part; 0 for an
+    /// unknown id).
+    pub fn context_since_fork(&self, id: ThreadId) -> usize {
+        self.threads
+            .get(id.index())
+            .map_or(0, |t| t.view.len().saturating_sub(t.fork_len))
+    }
+
+    /// Free blocks `id` needs to append `n` more tokens to its cache, as the allocator
+    /// will count them ([`KvView::blocks_needed`]: a fresh span or a copy-on-write copy
+    /// of a shared tail block, per [`EngineConfig::shared_tail`]); 0 for an unknown id.
+    pub fn blocks_needed(&self, id: ThreadId, n: usize) -> usize {
+        self.threads.get(id.index()).map_or(0, |t| {
+            t.view.blocks_needed(n, &self.pool, self.cfg.shared_tail)
+        })
+    }
+
     /// True when some active thread has queued tokens.
     pub fn has_work(&self) -> bool {
         self.live.iter().any(|&id| {
