@@ -7,7 +7,7 @@ use model_loader::gguf::{gguf_config, load_tensors, parse_gguf};
 use model_loader::{parse_safetensors, GgufValue, ModelConfig};
 use serde_json::Value;
 use spindle::generate::tags::ChildPrime;
-use spindle::generate::{Action, Protocol, Role, TagProtocol};
+use spindle::generate::{Action, Protocol, Role, TagProtocol, TokenSplit};
 use spindle::replay::tree_file::{NodeLogits, TreeLimits, TreeNode};
 use spindle::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
@@ -289,7 +289,7 @@ pub fn protocol_tokens(data: &[u8]) {
             return;
         }
         let pieces = match parser.split(&generated, token) {
-            Some((head, rest)) => {
+            Some(TokenSplit { head, rest }) => {
                 assert!(!head.is_empty(), "split with an empty head");
                 // The pieces spell what the token spelled after the same context.
                 let ctx = &generated[generated.len().saturating_sub(64)..];

@@ -10,7 +10,7 @@
 use super::events::{path_label, EndReason, Event, RequestStats, ThreadTokens};
 use super::output::{RequestOutput, ThreadRecord};
 use super::policy::Policy;
-use super::protocol::{Action, ForkSpec, Protocol, Role, ThreadParser};
+use super::protocol::{Action, ForkSpec, Protocol, Role, ThreadParser, TokenSplit};
 use super::rng::{mix, Rng};
 use super::sampler::{Decide, Sampler, SamplingParams, TokenSource};
 use super::trace::TraceRecorder;
@@ -486,7 +486,7 @@ impl<B: Backend> Generator<B> {
             c.parser.split(&c.generated, token)
         };
         let pieces: Vec<u32> = match split {
-            Some((head, rest)) => head.into_iter().chain(rest).collect(),
+            Some(TokenSplit { head, rest }) => head.into_iter().chain(rest).collect(),
             None => vec![token],
         };
         if pieces.len() == 1 && pieces[0] == token {
