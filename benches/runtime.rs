@@ -84,7 +84,7 @@ fn run(w: usize, p: usize, steps: usize) -> (f64, f64, f64) {
     for _ in 0..16 {
         step(&mut e);
     }
-    let (b0, _) = e.plan_counts();
+    let b0 = e.plan_counts().builds;
     let a0 = ALLOCS.load(Ordering::Relaxed);
     let t0 = Instant::now();
     for _ in 0..steps {
@@ -92,7 +92,7 @@ fn run(w: usize, p: usize, steps: usize) -> (f64, f64, f64) {
     }
     let secs = t0.elapsed().as_secs_f64();
     let allocs = ALLOCS.load(Ordering::Relaxed) - a0;
-    let (b1, _) = e.plan_counts();
+    let b1 = e.plan_counts().builds;
     let n = steps as f64;
     (secs * 1e6 / n, allocs as f64 / n, (b1 - b0) as f64 / n)
 }

@@ -19,7 +19,7 @@ mod output;
 mod schedule;
 
 use crate::tree::{JoinKind, Pending, RequestId, Thread, ThreadId, ThreadState, MAX_POSITION};
-pub use output::{EngineStats, StepOutput, ThreadOutput};
+pub use output::{EngineStats, PlanCounts, StepOutput, ThreadOutput};
 use std::collections::BTreeSet;
 
 /// Engine settings.
@@ -678,9 +678,10 @@ impl<B: Backend> Engine<B> {
         &self.buf.input.plan
     }
 
-    /// (full plan builds, in-place plan updates) so far.
-    pub fn plan_counts(&self) -> (u64, u64) {
-        self.planner.counts()
+    /// How the planner made the plans so far.
+    pub fn plan_counts(&self) -> PlanCounts {
+        let (builds, updates) = self.planner.counts();
+        PlanCounts { builds, updates }
     }
 
     /// The last step's output again, borrowing the engine immutably (so the engine can be
