@@ -145,10 +145,11 @@ fn reprefill_join_feeds_children_transcripts_in_outline_order() {
         expect.extend(&t.prime);
         expect.extend(&t.generated);
     }
+    let outlines_end = tok.token_id("</Outlines>").expect("</Outlines> is a token");
     let close = out
         .context
         .iter()
-        .position(|&x| x == 6)
+        .position(|&x| x == outlines_end)
         .expect("</Outlines>");
     assert_eq!(
         &out.context[close + 1..close + 1 + expect.len()],
@@ -219,7 +220,12 @@ fn multiverse_reuse_join_keeps_children_kv_and_jumps_position() {
         .engine()
         .thread(g.engine().root_of(id).expect("request"))
         .expect("root");
-    let goal_end = out.context.iter().position(|&x| x == 12).expect("</Goal>");
+    let goal_tag = tok.token_id("</Goal>").expect("</Goal> is a token");
+    let goal_end = out
+        .context
+        .iter()
+        .position(|&x| x == goal_tag)
+        .expect("</Goal>");
     let p = root.ctx_pos[goal_end] + 1;
     let kids = &out.threads[0].forks[0];
     let lens: Vec<usize> = kids
