@@ -110,8 +110,6 @@ pub struct Thread {
     pub pending: VecDeque<Pending>,
     /// Tokens handed back at a re-prefill join instead of the transcript (APR).
     pub returns: Option<Vec<u32>>,
-    /// Tokens this thread fed (not counting recompute after preemption).
-    pub tokens_fed: usize,
     /// Give the blocks back at finish (a re-prefill join needs only the tokens).
     pub release_on_finish: bool,
     /// Logits at every fed token, not only the last queued one.

@@ -26,9 +26,6 @@ impl<B: Backend> Engine<B> {
                 input.positions.push(p.pos);
                 t.ctx_tokens.push(p.token);
                 t.ctx_pos.push(p.pos);
-                if p.emit {
-                    t.tokens_fed += 1;
-                }
                 // Logits for every fed token, or only for the next-token distribution.
                 if p.emit && (t.all_logits || t.pending.is_empty()) {
                     input.logit_rows.push(row);

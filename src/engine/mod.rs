@@ -217,7 +217,6 @@ impl<B: Backend> Engine<B> {
             reuse_joins: 0,
             pending: Default::default(),
             returns: None,
-            tokens_fed: 0,
             release_on_finish: false,
             all_logits: false,
         };
@@ -353,7 +352,6 @@ impl<B: Backend> Engine<B> {
                 next_pos: pos,
                 pending: Default::default(),
                 returns: None,
-                tokens_fed: 0,
                 release_on_finish: join == Some(JoinKind::Reprefill),
                 all_logits: parent.all_logits,
             });
