@@ -612,17 +612,6 @@ impl<B: Backend> Engine<B> {
             .is_some_and(|t| t.state == ThreadState::Active && t.pending.is_empty())
     }
 
-    /// Blocks `id`'s own cached tokens (those after its fork point) occupy, counted as a
-    /// private copy would (0 for an unknown id).
-    pub fn own_blocks(&self, id: ThreadId) -> usize {
-        self.threads.get(id.index()).map_or(0, |t| {
-            t.view
-                .len()
-                .saturating_sub(t.fork_len)
-                .div_ceil(self.pool.block_size())
-        })
-    }
-
     /// Tokens of `id`'s cached context after its fork point (its own part; 0 for an
     /// unknown id).
     pub fn context_since_fork(&self, id: ThreadId) -> usize {
