@@ -112,7 +112,7 @@ impl Case {
 
     /// Runs `steps` steps: (microseconds per step, allocations, plan rebuilds).
     fn segment(&mut self, steps: usize) -> (f64, u64, u64) {
-        let (b0, _) = self.engine.plan_counts();
+        let b0 = self.engine.plan_counts().builds;
         let a0 = ALLOCS.load(Ordering::Relaxed);
         let t0 = Instant::now();
         for _ in 0..steps {
@@ -120,7 +120,7 @@ impl Case {
         }
         let secs = t0.elapsed().as_secs_f64();
         let allocs = ALLOCS.load(Ordering::Relaxed) - a0;
-        let (b1, _) = self.engine.plan_counts();
+        let b1 = self.engine.plan_counts().builds;
         (secs * 1e6 / steps as f64, allocs, b1 - b0)
     }
 }

@@ -7,7 +7,7 @@ use model_loader::gguf::{gguf_config, load_tensors, parse_gguf};
 use model_loader::{parse_safetensors, GgufValue, ModelConfig};
 use serde_json::Value;
 use spindle::generate::tags::ChildPrime;
-use spindle::generate::{Action, Protocol, Role, TagProtocol};
+use spindle::generate::{Action, Protocol, Role, TagProtocol, TokenSplit};
 use spindle::replay::tree_file::{NodeLogits, TreeLimits, TreeNode};
 use spindle::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
@@ -17,7 +17,7 @@ use std::sync::LazyLock;
 use spindle::backend::null::NullBackend;
 use spindle::kv::SharedTail;
 use spindle::plan::{AttentionPlan, PlanThread};
-use spindle::{AttentionMode, Engine, EngineConfig, JoinKind};
+use spindle::{AttentionMode, Engine, EngineConfig, JoinKind, RequestId, ThreadId};
 
 /// Runs the check of fuzz target `target` on `data`; `false` for an unknown target.
 pub fn run(target: &str, data: &[u8]) -> bool {
@@ -289,7 +289,7 @@ pub fn protocol_tokens(data: &[u8]) {
             return;
         }
         let pieces = match parser.split(&generated, token) {
-            Some((head, rest)) => {
+            Some(TokenSplit { head, rest }) => {
                 assert!(!head.is_empty(), "split with an empty head");
                 // The pieces spell what the token spelled after the same context.
                 let ctx = &generated[generated.len().saturating_sub(64)..];
@@ -405,7 +405,7 @@ pub fn engine_ops(data: &[u8]) {
         }
         let op = b.next() % 12;
         let n = e.threads().len() + 2;
-        let id = b.next() as usize % n;
+        let id = ThreadId(b.next() as usize % n);
         let arg = b.next();
         let tokens: Vec<u32> = (0..arg % 24)
             .map(|i| (u32::from(arg) * 31 + i as u32) % (vocab + 2))
@@ -428,7 +428,7 @@ pub fn engine_ops(data: &[u8]) {
                     },
                 )
                 .map(drop),
-            6 => e.cancel(id),
+            6 => e.cancel(RequestId(id.index())),
             7 => e.cancel_thread(id),
             8 => e.release_cache(id),
             9 => e.forget(id),
@@ -447,14 +447,14 @@ pub fn engine_ops(data: &[u8]) {
         };
     }
     // Cancelling every request leaves every block free.
-    let roots: Vec<usize> = e
+    let requests: Vec<RequestId> = e
         .threads()
         .iter()
         .filter(|t| t.parent.is_none())
-        .map(|t| t.id)
+        .map(|t| t.request)
         .collect();
-    for r in roots {
-        e.cancel(r).expect("cancel a root");
+    for r in requests {
+        e.cancel(r).expect("cancel a request");
     }
     assert!(e.pool().all_free(), "blocks leaked");
 }

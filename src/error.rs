@@ -1,6 +1,6 @@
 //! spindle's error type: every failure a caller can act on, named precisely.
 
-use crate::tree::{ThreadId, ThreadState};
+use crate::tree::{RequestId, ThreadId, ThreadState};
 use std::path::PathBuf;
 
 /// An engine operation, as named in [`SpindleError::WrongState`].
@@ -54,9 +54,9 @@ pub enum SpindleError {
     /// No thread has this id.
     #[error("no thread {thread}")]
     UnknownThread { thread: ThreadId },
-    /// No request has this id (a request is named by its root thread's id).
+    /// No request has this id.
     #[error("no request {request}")]
-    UnknownRequest { request: usize },
+    UnknownRequest { request: RequestId },
     /// The thread is not in a state the operation accepts.
     #[error("{op} of thread {thread}: it is {state:?}{}, but the operation needs {needs}", if *.queued > 0 { format!(" with {} queued tokens", .queued) } else { String::new() })]
     WrongState {
@@ -101,7 +101,7 @@ pub enum SpindleError {
     CacheReleased { thread: ThreadId, child: ThreadId },
     /// The request was cancelled through the API.
     #[error("request {request} was cancelled")]
-    Cancelled { request: usize },
+    Cancelled { request: RequestId },
     /// A setting or command-line value is invalid (names it).
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
@@ -130,8 +130,8 @@ pub enum SpindleError {
     /// Even after preempting every other thread, this thread's next tokens do not fit.
     #[error("KV cache too small: {free} free blocks of {block_size} tokens cannot hold the next tokens of thread {thread} (request {request})")]
     ThreadDoesNotFit {
-        thread: usize,
-        request: usize,
+        thread: ThreadId,
+        request: RequestId,
         free: usize,
         block_size: usize,
     },

@@ -47,8 +47,8 @@ pub use backend::cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use backend::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
 pub use device::{run_on, Device, EngineJob};
-pub use engine::{Engine, EngineConfig, EngineStats, StepOutput};
+pub use engine::{Engine, EngineConfig, EngineStats, PlanCounts, StepOutput};
 pub use error::{Result, SpindleError};
 pub use plan::AttentionMode;
-pub use tree::{JoinKind, ThreadId};
+pub use tree::{JoinKind, RequestId, ThreadId};
 pub mod replay;

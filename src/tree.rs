@@ -3,12 +3,50 @@
 
 use crate::kv::KvView;
 use std::collections::VecDeque;
+use std::fmt;
 
 /// Largest position a token may take (positions travel to the GPU as int32).
 pub const MAX_POSITION: u32 = i32::MAX as u32;
 
-/// Index of a thread in the engine. Never reused while the engine lives.
-pub type ThreadId = usize;
+/// A thread's id: its index in the engine. Never reused while the engine lives.
+///
+/// Printed (`{}` and `{:?}` alike) as the bare number, as messages and traces always
+/// showed it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(transparent)]
+pub struct ThreadId(pub usize);
+
+/// A request's id: the engine numbers requests 0, 1, 2, ... as they are added, apart from
+/// thread ids. A request keeps its id when it is started again
+/// ([`crate::Engine::restart_request`]).
+///
+/// Printed (`{}` and `{:?}` alike) as the bare number.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(transparent)]
+pub struct RequestId(pub usize);
+
+macro_rules! bare_number {
+    ($t:ty) => {
+        impl $t {
+            /// The number inside (an index into the engine's tables).
+            pub fn index(self) -> usize {
+                self.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+    };
+}
+bare_number!(ThreadId);
+bare_number!(RequestId);
 
 /// How children's results return to their parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +102,12 @@ pub struct Thread {
     /// fork point on; a root's whole context), in context order. A fork copies nothing:
     /// the shared part is the parent's.
     pub own_tokens: Vec<u32>,
-    /// Tokens this thread fed (not counting recompute after preemption).
-    pub tokens_fed: usize,
     // Cache line 2 on: read when the tree changes.
     /// `[own_tokens.len()]` their positions.
     pub own_pos: Vec<u32>,
     pub id: ThreadId,
-    /// The request this thread belongs to (the root thread's id).
-    pub request: ThreadId,
+    /// The request this thread belongs to.
+    pub request: RequestId,
     pub parent: Option<ThreadId>,
     /// Child indices from the root: the thread's path in the tree.
     pub path: Vec<u32>,
@@ -140,6 +176,6 @@ mod tests {
         assert_eq!(std::mem::align_of::<Thread>(), 64);
         assert!(offset_of!(Thread, view) + size_of::<KvView>() <= 64);
         assert!(offset_of!(Thread, pending) >= 64);
-        assert!(offset_of!(Thread, tokens_fed) + size_of::<usize>() <= 128);
+        assert!(offset_of!(Thread, own_tokens) + size_of::<Vec<u32>>() <= 128);
     }
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use spindle::{AttentionMode, JoinKind, SpindleError};
+use spindle::{AttentionMode, JoinKind, RequestId, SpindleError, ThreadId};
 
 #[test]
 fn misuse_is_refused_with_a_reason() {
@@ -29,12 +29,16 @@ fn misuse_is_refused_with_a_reason() {
     ));
     // Unknown ids.
     assert!(matches!(
-        e.feed(99, &[1]),
-        Err(SpindleError::UnknownThread { thread: 99 })
+        e.feed(ThreadId(99), &[1]),
+        Err(SpindleError::UnknownThread {
+            thread: ThreadId(99)
+        })
     ));
     assert!(matches!(
-        e.cancel(99),
-        Err(SpindleError::UnknownRequest { request: 99 })
+        e.cancel(RequestId(99)),
+        Err(SpindleError::UnknownRequest {
+            request: RequestId(99)
+        })
     ));
     let root = e.add_request(&[1, 2, 3]).expect("request");
     // A fork before the prompt is cached, and a join with nothing forked.
@@ -76,10 +80,14 @@ fn misuse_is_refused_with_a_reason() {
     let kids = e
         .fork_with(root, 2, true, Some(JoinKind::Reprefill))
         .expect("fork");
-    // Only a request's root names a request.
+    // A request is named by its own id, not by a thread's: the children belong to the
+    // root's request, and the next request id is not given out yet.
+    let request = e.request_of(root).expect("root");
+    assert_eq!(e.request_of(kids[0]).expect("child"), request);
+    assert_eq!(e.root_of(request).expect("request"), root);
     assert!(matches!(
-        e.cancel(kids[0]),
-        Err(SpindleError::UnknownRequest { request }) if request == kids[0]
+        e.cancel(RequestId(request.index() + 1)),
+        Err(SpindleError::UnknownRequest { request: r }) if r.index() == request.index() + 1
     ));
     // Feeding a waiting parent, and joining before the children end.
     assert!(matches!(
@@ -158,7 +166,8 @@ fn cancelling_frees_blocks_at_once_at_any_point() {
     let b = e.add_request(&[2; 5]).expect("request");
     e.step().expect("step");
     let used_with_a = e.pool().num_used();
-    e.cancel(a).expect("cancel mid-prefill");
+    e.cancel(e.request_of(a).expect("a"))
+        .expect("cancel mid-prefill");
     assert!(e.pool().num_used() < used_with_a, "a's blocks came back");
     assert_eq!(
         e.thread(a).expect("a").state,
@@ -202,7 +211,8 @@ fn cancelling_frees_blocks_at_once_at_any_point() {
     );
     // Cancelling what already ended does nothing.
     e.cancel_thread(kids[1]).expect("again");
-    e.cancel(b).expect("cancel the request");
+    e.cancel(e.request_of(b).expect("b"))
+        .expect("cancel the request");
     assert!(e.pool().all_free());
     e.check_invariants().expect("invariants when empty");
 }
@@ -215,11 +225,11 @@ fn a_prompt_larger_than_the_pool_names_its_thread() {
         Err(SpindleError::ThreadDoesNotFit {
             thread, request, ..
         }) => {
-            assert_eq!((thread, request), (root, root));
+            assert_eq!((thread, request), (root, e.request_of(root).expect("root")));
         }
         other => panic!("expected ThreadDoesNotFit, got {other:?}"),
     }
-    e.cancel(root).expect("cancel");
+    e.cancel(e.request_of(root).expect("root")).expect("cancel");
     assert!(e.pool().all_free());
 }
 

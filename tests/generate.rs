@@ -11,7 +11,7 @@ use spindle::generate::{
     EndReason, Event, Generator, Policy, Request, SamplingParams, ScriptItem, Scripted, TagProtocol,
 };
 use spindle::tokenizer::Tokenizer;
-use spindle::{AttentionMode, Engine, JoinKind};
+use spindle::{AttentionMode, Engine, JoinKind, RequestId};
 use std::sync::Arc;
 
 const MODEL: &str = "tiny-qwen2";
@@ -115,7 +115,7 @@ const FOUR: &[(&[u32], &str)] = &[
     (&[3], "{15}</Thread>"),
 ];
 
-fn generated_by_path(g: &Generator<CpuBackend>, id: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+fn generated_by_path(g: &Generator<CpuBackend>, id: RequestId) -> Vec<(Vec<u32>, Vec<u32>)> {
     let out = g.output(id).expect("finished");
     let mut v: Vec<_> = out
         .threads
@@ -145,10 +145,11 @@ fn reprefill_join_feeds_children_transcripts_in_outline_order() {
         expect.extend(&t.prime);
         expect.extend(&t.generated);
     }
+    let outlines_end = tok.token_id("</Outlines>").expect("</Outlines> is a token");
     let close = out
         .context
         .iter()
-        .position(|&x| x == 6)
+        .position(|&x| x == outlines_end)
         .expect("</Outlines>");
     assert_eq!(
         &out.context[close + 1..close + 1 + expect.len()],
@@ -215,8 +216,16 @@ fn multiverse_reuse_join_keeps_children_kv_and_jumps_position() {
         }
     )));
     // Context: prompt, root tokens up to </Goal>, both paths' own tokens, <Conclusion>, ...
-    let root = g.engine().thread(id).expect("root");
-    let goal_end = out.context.iter().position(|&x| x == 12).expect("</Goal>");
+    let root = g
+        .engine()
+        .thread(g.engine().root_of(id).expect("request"))
+        .expect("root");
+    let goal_tag = tok.token_id("</Goal>").expect("</Goal> is a token");
+    let goal_end = out
+        .context
+        .iter()
+        .position(|&x| x == goal_tag)
+        .expect("</Goal>");
     let p = root.own_pos[goal_end] + 1;
     let kids = &out.threads[0].forks[0];
     let lens: Vec<usize> = kids
@@ -451,7 +460,8 @@ fn stop_sequences_end_the_root() {
 #[test]
 fn small_kv_pool_runs_children_in_waves_with_the_same_result() {
     let tok = tok();
-    // Each child is planned at ceil((3 + 40) / 4) + 1 = 12 blocks.
+    // Each child is planned at ceil((3 + 40) / 4) = 11 blocks (a fresh span after the
+    // shared tail block, as the engine counts it).
     let policy = Policy {
         child_growth_tokens: 40,
         ..small_policy()
@@ -670,7 +680,11 @@ fn take_output_frees_what_the_request_kept_and_the_generator_goes_on() {
     assert_eq!(out.threads.len(), 5);
     assert!(g.output(a).is_none(), "taken");
     assert!(
-        g.engine().thread(a).expect("root").own_tokens.is_empty(),
+        g.engine()
+            .thread(g.engine().root_of(a).expect("request"))
+            .expect("root")
+            .own_tokens
+            .is_empty(),
         "forgotten"
     );
     // The generator serves the next request as before.
@@ -760,8 +774,10 @@ fn cancelling_a_request_with_children_in_waves_frees_it_and_spares_the_other() {
         "its blocks came back at once"
     );
     assert!(matches!(
-        g.cancel(9999),
-        Err(spindle::SpindleError::UnknownRequest { request: 9999 })
+        g.cancel(RequestId(9999)),
+        Err(spindle::SpindleError::UnknownRequest {
+            request: RequestId(9999)
+        })
     ));
     g.cancel(a).expect("cancelling again does nothing");
     run_all(&mut g);
@@ -798,7 +814,7 @@ fn a_request_the_pool_cannot_hold_beside_others_restarts_instead_of_failing() {
     let mut restarted = 0;
     for blocks in [40, 34, 30, 28, 20] {
         let mut g = generator(blocks, 4, policy.clone());
-        let ids: Vec<usize> = prompts
+        let ids: Vec<RequestId> = prompts
             .iter()
             .map(|p| g.add_request(request(&tok, p, FOUR)).expect("request"))
             .collect();

@@ -400,7 +400,7 @@ fn compare_with_cpu(test: &str, head_dim: usize, heads: usize, kv_heads: usize) 
             .synchronize()
             .expect("no asynchronous CUDA error");
         p.agree.check(&format!(
-            "{test}: head_dim {head_dim}, {heads}/{kv_heads} heads, {tail:?}, prefill kernel {prefill_kernel}, partition {partition}, {} steps, kv read (per-thread kernel) {}",
+            "{test}: head_dim {head_dim}, {heads}/{kv_heads} heads, {tail:?}, prefill kernel {prefill_kernel}, partition {partition}, {} steps, kv read (plan) {}",
             p.steps,
             gpu.backend().kv_tokens_read()
         ), Bound::RowRms(CPU_ROW_RMS), TOP1);

@@ -9,7 +9,7 @@ use spindle::generate::rng::Rng;
 use spindle::kv::SharedTail;
 use spindle::plan::{AttentionPlan, PlanThread};
 use spindle::tree::ThreadState;
-use spindle::{AttentionMode, Engine, EngineConfig, JoinKind, ThreadId};
+use spindle::{AttentionMode, Engine, EngineConfig, JoinKind, PlanCounts, ThreadId};
 
 mod common;
 
@@ -178,7 +178,7 @@ fn drive(e: &mut Engine<NullBackend>, seed: u64, ops: usize) -> (u64, u64) {
                 Err(spindle::SpindleError::ThreadDoesNotFit { request, .. }) => {
                     // The pool is too small for this tree even after preemption: drop it.
                     e.cancel(request).expect("cancel");
-                    roots.retain(|&r| r != request);
+                    roots.retain(|&r| e.request_of(r).expect("root") != request);
                     continue;
                 }
                 Err(err) => panic!("step: {err}"),
@@ -206,7 +206,7 @@ fn drive(e: &mut Engine<NullBackend>, seed: u64, ops: usize) -> (u64, u64) {
             );
         }
     }
-    (steps, e.plan_counts().1 - builds0.1)
+    (steps, e.plan_counts().updates - builds0.updates)
 }
 
 #[test]
@@ -251,9 +251,12 @@ fn a_long_decode_updates_in_place_across_blocks_and_splits() {
     }
     let kids = e.fork(root, 8, true).expect("fork");
     for &k in &kids {
-        e.feed(k, &[k as u32]).expect("feed");
+        e.feed(k, &[k.index() as u32]).expect("feed");
     }
-    let (b0, u0) = e.plan_counts();
+    let PlanCounts {
+        builds: b0,
+        updates: u0,
+    } = e.plan_counts();
     for s in 0..300u32 {
         e.step().expect("step");
         assert_eq!(e.last_plan(), &from_scratch(&e), "step {s}");
@@ -261,7 +264,10 @@ fn a_long_decode_updates_in_place_across_blocks_and_splits() {
             e.feed(k, &[s % 50]).expect("feed");
         }
     }
-    let (b1, u1) = e.plan_counts();
+    let PlanCounts {
+        builds: b1,
+        updates: u1,
+    } = e.plan_counts();
     // The first step after the fork and one per 64-token split of the tails rebuild.
     assert!(b1 - b0 <= 1 + 300 / 64 + 1, "{} rebuilds", b1 - b0);
     assert!(u1 - u0 >= 300 - (1 + 300 / 64 + 1), "{} updates", u1 - u0);

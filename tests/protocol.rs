@@ -6,7 +6,7 @@ mod common;
 
 use common::fixture;
 use spindle::generate::tags::ChildPrime;
-use spindle::generate::{Action, Protocol, Role, TagProtocol, TagSpec};
+use spindle::generate::{Action, Protocol, Role, TagProtocol, TagSpec, TokenSplit};
 use spindle::tokenizer::{TextStream, Tokenizer};
 use spindle::{JoinKind, SpindleError};
 
@@ -308,7 +308,7 @@ fn run_split(p: &TagProtocol, role: Role, tokens: &[u32]) -> (Vec<u32>, Vec<Acti
     let (mut gen, mut acts) = (Vec::new(), Vec::new());
     for &t in tokens {
         let pieces = match parser.split(&gen, t) {
-            Some((head, rest)) => head.into_iter().chain(rest).collect(),
+            Some(TokenSplit { head, rest }) => head.into_iter().chain(rest).collect(),
             None => vec![t],
         };
         for piece in pieces {

@@ -205,7 +205,7 @@ fn next_token_samples_with_the_threads_generator() {
         for seed in 0..64 {
             let (mut a, mut b) = (Rng::new(seed), Rng::new(seed));
             let token = s.next_token(Decide {
-                request: 0,
+                request: spindle::RequestId(0),
                 path: &[1, 0],
                 generated: &[3, 4],
                 logits,

@@ -85,7 +85,7 @@ fn a_steady_decode_step_allocates_nothing() {
         let out = e.step().expect("step");
         assert_eq!(out.rows, W);
     }
-    let (builds0, _) = e.plan_counts();
+    let builds0 = e.plan_counts().builds;
     // 200 steps: every thread's tail crosses 12 block boundaries.
     const STEPS: u64 = 200;
     COUNTING.with(|c| c.set(true));
@@ -97,7 +97,7 @@ fn a_steady_decode_step_allocates_nothing() {
     }
     COUNTING.with(|c| c.set(false));
     let allocs = ALLOCS.load(Ordering::SeqCst);
-    let (builds1, _) = e.plan_counts();
+    let builds1 = e.plan_counts().builds;
     eprintln!(
         "{allocs} allocations in {STEPS} steady decode steps at W = {W}, P = {P} \
          ({} plan rebuilds)",

@@ -198,7 +198,7 @@ fn stress(requests: usize, seed: u64) -> Figures {
         while k < active.len() {
             if active[k].1.is_done() {
                 let (i, r, _) = active.swap_remove(k);
-                let root = r.request();
+                let root = e.root_of(r.request()).expect("root");
                 let mut worst = 0.0f32;
                 if let Some(d) = difference(&r.into_logits(), &alone[i], "root", TOL, &mut worst) {
                     panic!("request {i} (seed {seed}) differs from its run alone: {d}");
@@ -216,16 +216,14 @@ fn stress(requests: usize, seed: u64) -> Figures {
         while k < active.len() {
             let (i, ref r, steps) = active[k];
             if cancel_at[i].is_some_and(|at| steps >= at) {
-                let root = r.request();
+                let request = r.request();
+                let root = e.root_of(request).expect("root");
                 let used = e.pool().num_used();
-                e.cancel(root).expect("cancel");
+                e.cancel(request).expect("cancel");
                 assert_eq!(e.thread(root).expect("root").state, ThreadState::Retired);
                 assert!(e.pool().num_used() <= used);
-                assert!(e
-                    .threads()
-                    .iter()
-                    .all(|t| t.request != root
-                        || (t.state == ThreadState::Retired && t.view.is_empty())));
+                assert!(e.threads().iter().all(|t| t.request != request
+                    || (t.state == ThreadState::Retired && t.view.is_empty())));
                 active.swap_remove(k);
                 cancelled += 1;
             } else {

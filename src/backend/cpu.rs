@@ -165,7 +165,8 @@ impl CpuBackend {
         })
     }
 
-    /// K/V tokens gathered by attention since creation, summed over layers.
+    /// K/V tokens attention read since creation, summed over layers: the plan's count
+    /// ([`AttentionPlan::kv_tokens_read`]) of every step, once per layer.
     pub fn kv_tokens_read(&self) -> u64 {
         self.kv_tokens_read
     }
@@ -430,14 +431,18 @@ impl Backend for CpuBackend {
             block_size: self.block_size,
         };
         let plan: &AttentionPlan = &self.step.plan;
-        let (data, read) = cpu_attention::attention(
+        let (data, gathered) = cpu_attention::attention(
             plan,
             &q.data,
             &self.k_cache[layer],
             &self.v_cache[layer],
             shape,
         );
-        self.kv_tokens_read += read;
+        debug_assert_eq!(
+            gathered, plan.kv_tokens_read,
+            "gathered what the plan counts"
+        );
+        self.kv_tokens_read += plan.kv_tokens_read;
         Ok(Mat {
             rows: q.rows,
             cols: q.cols,

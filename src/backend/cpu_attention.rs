@@ -130,7 +130,8 @@ impl Staged<'_> {
 
 /// Computes `[rows, heads * head_dim]` attention outputs of `q` (`[rows, heads * head_dim]`)
 /// over `k_cache`/`v_cache` (`[slots, kv_heads * head_dim]`). Returns the outputs and the
-/// number of K/V tokens gathered.
+/// number of K/V tokens gathered: a measurement for tests, which must equal the plan's
+/// `kv_tokens_read` (the one count the backends and the engine report).
 pub fn attention(
     plan: &AttentionPlan,
     q: &[f32],

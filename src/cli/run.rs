@@ -12,7 +12,7 @@ use spindle::generate::{
     EndReason, Event, Generator, Policy, Request, RequestOutput, SamplingParams, TagProtocol,
 };
 use spindle::tokenizer::{TextStream, Tokenizer};
-use spindle::tree::ThreadId;
+use spindle::tree::{RequestId, ThreadId};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,7 +78,7 @@ pub struct StreamPrinter<'a> {
     tok: &'a Tokenizer,
     multi: bool,
     control: HashSet<u32>,
-    paths: HashMap<ThreadId, (usize, Vec<u32>)>,
+    paths: HashMap<ThreadId, (RequestId, Vec<u32>)>,
     streams: HashMap<ThreadId, (TextStream, String)>,
     /// Characters after which a thread's line is flushed.
     pub width: usize,

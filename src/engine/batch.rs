@@ -31,9 +31,6 @@ impl<B: Backend> Engine<B> {
                 input.positions.push(p.pos);
                 t.own_tokens.push(p.token);
                 t.own_pos.push(p.pos);
-                if p.emit {
-                    t.tokens_fed += 1;
-                }
                 // Logits for every fed token, or only for the next-token distribution.
                 if p.emit && (t.all_logits || t.pending.is_empty()) {
                     input.logit_rows.push(row);
@@ -58,7 +55,7 @@ impl<B: Backend> Engine<B> {
         }
         buf.plan_inputs.clear();
         buf.plan_inputs.extend(buf.batch.iter().map(|a| PlanInput {
-            key: a.id,
+            key: a.id.index(),
             first_row: a.first_row,
             rows: a.n as u32,
         }));

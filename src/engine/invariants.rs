@@ -64,8 +64,13 @@ impl<B: Backend> Engine<B> {
                 ));
             }
             match t.parent {
-                None if t.request != id => {
-                    return Err(format!("root {id} names request {}", t.request))
+                None if t.state != ThreadState::Retired
+                    && self.roots.get(t.request.index()) != Some(&id) =>
+                {
+                    return Err(format!(
+                        "live root {id} names request {}, whose root differs",
+                        t.request
+                    ))
                 }
                 None => {}
                 Some(p) => {

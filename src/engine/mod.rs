@@ -18,8 +18,8 @@ mod invariants;
 mod output;
 mod schedule;
 
-use crate::tree::{JoinKind, Pending, Thread, ThreadId, ThreadState, MAX_POSITION};
-pub use output::{EngineStats, StepOutput, ThreadOutput};
+use crate::tree::{JoinKind, Pending, RequestId, Thread, ThreadId, ThreadState, MAX_POSITION};
+pub use output::{EngineStats, PlanCounts, StepOutput, ThreadOutput};
 use std::collections::BTreeSet;
 
 /// Engine settings.
@@ -88,6 +88,8 @@ pub struct Engine<B: Backend> {
     backend: B,
     pool: BlockPool,
     threads: Vec<Thread>,
+    /// Each request's current root thread, indexed by [`RequestId`].
+    roots: Vec<ThreadId>,
     /// Threads not yet retired, oldest first: what every per-step scan walks, so a long
     /// run's retired threads cost nothing per step.
     live: BTreeSet<ThreadId>,
@@ -106,6 +108,7 @@ impl<B: Backend> Engine<B> {
             backend,
             pool,
             threads: Vec::new(),
+            roots: Vec::new(),
             live: BTreeSet::new(),
             cfg,
             stats: EngineStats::default(),
@@ -148,13 +151,13 @@ impl<B: Backend> Engine<B> {
     /// [`SpindleError::UnknownThread`] for an id the engine never gave out.
     pub fn thread(&self, id: ThreadId) -> Result<&Thread> {
         self.threads
-            .get(id)
+            .get(id.index())
             .ok_or(SpindleError::UnknownThread { thread: id })
     }
 
     fn thread_mut(&mut self, id: ThreadId) -> Result<&mut Thread> {
         self.threads
-            .get_mut(id)
+            .get_mut(id.index())
             .ok_or(SpindleError::UnknownThread { thread: id })
     }
 
@@ -199,10 +202,10 @@ impl<B: Backend> Engine<B> {
                 positions: positions.len(),
             });
         }
-        let id = self.threads.len();
+        let id = ThreadId(self.threads.len());
         let mut t = Thread {
             id,
-            request: id,
+            request: RequestId(self.roots.len()),
             parent: None,
             path: Vec::new(),
             state: ThreadState::Active,
@@ -216,7 +219,6 @@ impl<B: Backend> Engine<B> {
             reuse_joins: 0,
             pending: Default::default(),
             returns: None,
-            tokens_fed: 0,
             release_on_finish: false,
             all_logits: false,
         };
@@ -236,6 +238,7 @@ impl<B: Backend> Engine<B> {
         }
         t.next_pos = positions.iter().max().map_or(0, |p| p + 1);
         self.threads.push(t);
+        self.roots.push(id);
         self.live.insert(id);
         self.after_change();
         Ok(id)
@@ -322,7 +325,7 @@ impl<B: Backend> Engine<B> {
         let parent = parent.clone();
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let cid = self.threads.len();
+            let cid = ThreadId(self.threads.len());
             let mut path = parent.path.clone();
             path.push(i as u32);
             let (view, pos) = if share_context {
@@ -346,7 +349,6 @@ impl<B: Backend> Engine<B> {
                 next_pos: pos,
                 pending: Default::default(),
                 returns: None,
-                tokens_fed: 0,
                 release_on_finish: join == Some(JoinKind::Reprefill),
                 all_logits: parent.all_logits,
             });
@@ -417,7 +419,7 @@ impl<B: Backend> Engine<B> {
 
     /// True when every child of `id` has finished.
     pub fn children_done(&self, id: ThreadId) -> bool {
-        self.threads.get(id).is_some_and(|t| {
+        self.threads.get(id.index()).is_some_and(|t| {
             t.children
                 .iter()
                 .all(|&c| self.threads[c].state == ThreadState::Finished)
@@ -526,21 +528,53 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// The request `id` belongs to.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownThread`] for an id the engine never gave out.
+    pub fn request_of(&self, id: ThreadId) -> Result<RequestId> {
+        Ok(self.thread(id)?.request)
+    }
+
+    /// A request's current root thread.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownRequest`] for an id the engine never gave out.
+    pub fn root_of(&self, request: RequestId) -> Result<ThreadId> {
+        self.roots
+            .get(request.index())
+            .copied()
+            .ok_or(SpindleError::UnknownRequest { request })
+    }
+
     /// Cancels a request: every thread of it retires and its blocks return to the pool at
     /// once, whatever it was doing (prefilling, decoding, waiting on children, preempted).
     /// Cancelling a request that already ended does nothing.
     ///
     /// # Errors
-    /// [`SpindleError::UnknownRequest`] when `request` is not a request's id (its root
-    /// thread's).
-    pub fn cancel(&mut self, request: usize) -> Result<()> {
-        match self.threads.get(request) {
-            Some(t) if t.parent.is_none() => {}
-            _ => return Err(SpindleError::UnknownRequest { request }),
-        }
-        self.retire(request);
+    /// [`SpindleError::UnknownRequest`] for an id the engine never gave out.
+    pub fn cancel(&mut self, request: RequestId) -> Result<()> {
+        let root = self.root_of(request)?;
+        self.retire(root);
         self.after_change();
         Ok(())
+    }
+
+    /// Starts a request again from `prompt`: its threads retire (as [`Engine::cancel`])
+    /// and a new root thread, under the same request id, queues the prompt at positions
+    /// 0, 1, 2, ... Returns the new root.
+    ///
+    /// # Errors
+    /// [`SpindleError::UnknownRequest`]; as [`Engine::add_request`] for the prompt.
+    pub fn restart_request(&mut self, request: RequestId, prompt: &[u32]) -> Result<ThreadId> {
+        self.cancel(request)?;
+        let root = self.add_request(prompt)?;
+        // `add_request` numbered a new request: give its root to this one instead.
+        self.roots.pop();
+        self.roots[request.index()] = root;
+        self.threads[root.index()].request = request;
+        self.after_change();
+        Ok(root)
     }
 
     /// Cancels one thread and its whole subtree; a root cancels its request. A cancelled
@@ -567,18 +601,24 @@ impl<B: Backend> Engine<B> {
     /// its caller may decide what comes next (false for an unknown id).
     pub fn is_ready(&self, id: ThreadId) -> bool {
         self.threads
-            .get(id)
+            .get(id.index())
             .is_some_and(|t| t.state == ThreadState::Active && t.pending.is_empty())
     }
 
-    /// Blocks `id`'s own cached tokens (those after its fork point) occupy, counted as a
-    /// private copy would (0 for an unknown id).
-    pub fn own_blocks(&self, id: ThreadId) -> usize {
-        self.threads.get(id).map_or(0, |t| {
-            t.view
-                .len()
-                .saturating_sub(t.fork_len)
-                .div_ceil(self.pool.block_size())
+    /// Tokens of `id`'s cached context after its fork point (its own part; 0 for an
+    /// unknown id).
+    pub fn context_since_fork(&self, id: ThreadId) -> usize {
+        self.threads
+            .get(id.index())
+            .map_or(0, |t| t.view.len().saturating_sub(t.fork_len))
+    }
+
+    /// Free blocks `id` needs to append `n` more tokens to its cache, as the allocator
+    /// will count them ([`KvView::blocks_needed`]: a fresh span or a copy-on-write copy
+    /// of a shared tail block, per [`EngineConfig::shared_tail`]); 0 for an unknown id.
+    pub fn blocks_needed(&self, id: ThreadId, n: usize) -> usize {
+        self.threads.get(id.index()).map_or(0, |t| {
+            t.view.blocks_needed(n, &self.pool, self.cfg.shared_tail)
         })
     }
 
@@ -618,9 +658,10 @@ impl<B: Backend> Engine<B> {
         &self.buf.input.plan
     }
 
-    /// (full plan builds, in-place plan updates) so far.
-    pub fn plan_counts(&self) -> (u64, u64) {
-        self.planner.counts()
+    /// How the planner made the plans so far.
+    pub fn plan_counts(&self) -> PlanCounts {
+        let (builds, updates) = self.planner.counts();
+        PlanCounts { builds, updates }
     }
 
     /// The last step's output again, borrowing the engine immutably (so the engine can be
@@ -670,7 +711,7 @@ const CONTEXT_ROOM: usize = 4096;
 /// step, 209 with the stagger).
 fn context_vec(id: ThreadId) -> Vec<u32> {
     const TOKENS_PER_LINE: usize = 64 / std::mem::size_of::<u32>();
-    Vec::with_capacity(CONTEXT_ROOM + TOKENS_PER_LINE * (id % 64))
+    Vec::with_capacity(CONTEXT_ROOM + TOKENS_PER_LINE * (id.index() % 64))
 }
 
 /// The error for `op` on `t` in a state it does not accept.
@@ -681,6 +722,20 @@ fn wrong_state(t: &Thread, op: Operation, needs: &'static str) -> SpindleError {
         state: t.state,
         queued: t.pending.len(),
         needs,
+    }
+}
+
+impl std::ops::Index<ThreadId> for Vec<Thread> {
+    type Output = Thread;
+
+    fn index(&self, id: ThreadId) -> &Thread {
+        &self[id.index()]
+    }
+}
+
+impl std::ops::IndexMut<ThreadId> for Vec<Thread> {
+    fn index_mut(&mut self, id: ThreadId) -> &mut Thread {
+        &mut self[id.index()]
     }
 }
 

@@ -1,7 +1,7 @@
 //! Events the generator reports while it runs, and the per-request statistics reported
 //! when a request finishes.
 
-use crate::tree::{JoinKind, ThreadId};
+use crate::tree::{JoinKind, RequestId, ThreadId};
 
 /// Why a thread or request ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -56,10 +56,10 @@ pub struct RequestStats {
 pub enum Event {
     /// The pool could not hold the request beside the others: it gave its blocks back and
     /// starts again from its prompt (same output in the end). Drop what was shown of it.
-    Restarted { request: usize, restarts: usize },
+    Restarted { request: RequestId, restarts: usize },
     /// A thread forked; `children` are the new threads in order, `running` started now.
     Forked {
-        request: usize,
+        request: RequestId,
         parent: ThreadId,
         path: Vec<u32>,
         children: Vec<ThreadId>,
@@ -69,7 +69,7 @@ pub enum Event {
     /// Free KV blocks could not hold every child a fork asked for: `running` of `children`
     /// run now, the rest start as others finish. Reported again each time a wave starts.
     Waves {
-        request: usize,
+        request: RequestId,
         parent: ThreadId,
         children: usize,
         running: usize,
@@ -79,21 +79,21 @@ pub enum Event {
     },
     /// A thread generated a token.
     Token {
-        request: usize,
+        request: RequestId,
         thread: ThreadId,
         path: Vec<u32>,
         token: u32,
     },
     /// A thread ended (a child's end tag, end of sequence, a budget, a stop sequence).
     ThreadEnded {
-        request: usize,
+        request: RequestId,
         thread: ThreadId,
         path: Vec<u32>,
         reason: EndReason,
     },
     /// A parent joined its children; `reprefill` tokens were queued on it.
     Joined {
-        request: usize,
+        request: RequestId,
         parent: ThreadId,
         children: Vec<ThreadId>,
         kind: JoinKind,
@@ -103,15 +103,15 @@ pub enum Event {
     Preempted { thread: ThreadId },
     /// A protocol problem (malformed tags) or a policy refusal; generation goes on.
     Protocol {
-        request: usize,
+        request: RequestId,
         thread: ThreadId,
         problem: String,
     },
     /// A request failed and was cancelled (its blocks released).
-    Error { request: usize, message: String },
+    Error { request: RequestId, message: String },
     /// A request finished.
     Finished {
-        request: usize,
+        request: RequestId,
         reason: EndReason,
         stats: RequestStats,
     },

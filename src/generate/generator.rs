@@ -10,14 +10,14 @@
 use super::events::{path_label, EndReason, Event, RequestStats, ThreadTokens};
 use super::output::{RequestOutput, ThreadRecord};
 use super::policy::Policy;
-use super::protocol::{Action, ForkSpec, Protocol, Role, ThreadParser};
+use super::protocol::{Action, ForkSpec, Protocol, Role, ThreadParser, TokenSplit};
 use super::rng::{mix, Rng};
 use super::sampler::{Decide, Sampler, SamplingParams, TokenSource};
 use super::trace::TraceRecorder;
 use crate::backend::Backend;
 use crate::engine::Engine;
 use crate::error::{Result, SpindleError};
-use crate::tree::{JoinKind, ThreadId, ThreadState};
+use crate::tree::{JoinKind, RequestId, ThreadId, ThreadState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -75,12 +75,11 @@ struct ForkState {
     started: usize,
 }
 
-/// Driver state of one thread.
+/// Driver state of one thread: only what is the generator's own (protocol state, token
+/// source state, budgets). Its request, parent and path are the engine's thread tree's
+/// (`Engine::thread`, `Engine::request_of`).
 struct ThreadCtl {
-    request: usize,
     role: Role,
-    path: Vec<u32>,
-    parent: Option<ThreadId>,
     parser: Box<dyn ThreadParser>,
     seed: u64,
     rng: Rng,
@@ -108,18 +107,9 @@ struct ThreadCtl {
 }
 
 /// The driver state of a request's root thread, at its start.
-fn root_ctl(
-    request: usize,
-    prompt: &[u32],
-    protocol: &dyn Protocol,
-    seed: u64,
-    budget: usize,
-) -> ThreadCtl {
+fn root_ctl(prompt: &[u32], protocol: &dyn Protocol, seed: u64, budget: usize) -> ThreadCtl {
     ThreadCtl {
-        request,
         role: Role::Root,
-        path: Vec::new(),
-        parent: None,
         parser: protocol.parser(Role::Root),
         seed,
         rng: Rng::new(seed),
@@ -155,8 +145,6 @@ const MAX_RESTARTS: usize = 8;
 
 /// Driver state of one request.
 struct RequestState {
-    /// Its current root thread (the request's id is its first root's).
-    root: ThreadId,
     prompt: Vec<u32>,
     /// Its token budget over all threads.
     budget: usize,
@@ -181,9 +169,9 @@ pub struct Generator<B: Backend> {
     engine: Engine<B>,
     policy: Policy,
     eos: Vec<u32>,
-    requests: BTreeMap<usize, RequestState>,
+    requests: BTreeMap<RequestId, RequestState>,
     ctl: BTreeMap<ThreadId, ThreadCtl>,
-    outputs: BTreeMap<usize, RequestOutput>,
+    outputs: BTreeMap<RequestId, RequestOutput>,
     events: Vec<Event>,
     steps: u64,
     trace: TraceRecorder,
@@ -231,12 +219,13 @@ impl<B: Backend> Generator<B> {
         self.steps
     }
 
-    /// Starts a request; returns its id (its root thread's id).
-    pub fn add_request(&mut self, req: Request) -> Result<usize> {
+    /// Starts a request; returns its id (the engine's).
+    pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
         if req.prompt.is_empty() {
             return Err(SpindleError::EmptyPrompt);
         }
         let root = self.engine.add_request(&req.prompt)?;
+        let request = self.engine.request_of(root)?;
         let budget = self
             .policy
             .request_budget
@@ -244,12 +233,11 @@ impl<B: Backend> Generator<B> {
         let seed = mix(req.sampling.seed, &[]);
         self.ctl.insert(
             root,
-            root_ctl(root, &req.prompt, req.protocol.as_ref(), seed, budget),
+            root_ctl(&req.prompt, req.protocol.as_ref(), seed, budget),
         );
         self.requests.insert(
-            root,
+            request,
             RequestState {
-                root,
                 prompt: req.prompt,
                 budget,
                 seed,
@@ -273,8 +261,8 @@ impl<B: Backend> Generator<B> {
             },
         );
         self.trace
-            .thread_start(root, root, format!("request {root} root"), self.steps);
-        Ok(root)
+            .thread_start(request, root, format!("request {request} root"), self.steps);
+        Ok(request)
     }
 
     /// True when every request has finished.
@@ -283,14 +271,14 @@ impl<B: Backend> Generator<B> {
     }
 
     /// A finished request's output.
-    pub fn output(&self, request: usize) -> Option<&RequestOutput> {
+    pub fn output(&self, request: RequestId) -> Option<&RequestOutput> {
         self.outputs.get(&request)
     }
 
     /// Removes and returns a finished request's output, and lets the engine and the
     /// generator drop everything else they kept about its threads: a long-running caller
     /// takes outputs this way so memory does not grow with every request served.
-    pub fn take_output(&mut self, request: usize) -> Result<Option<RequestOutput>> {
+    pub fn take_output(&mut self, request: RequestId) -> Result<Option<RequestOutput>> {
         let Some(out) = self.outputs.remove(&request) else {
             return Ok(None);
         };
@@ -306,7 +294,7 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Every finished request's output, by id.
-    pub fn outputs(&self) -> &BTreeMap<usize, RequestOutput> {
+    pub fn outputs(&self) -> &BTreeMap<RequestId, RequestOutput> {
         &self.outputs
     }
 
@@ -328,7 +316,7 @@ impl<B: Backend> Generator<B> {
         }
         if !self.engine.has_work() {
             // Every live thread waits on something that cannot happen: report, never hang.
-            let stuck: Vec<usize> = self
+            let stuck: Vec<RequestId> = self
                 .requests
                 .iter()
                 .filter(|(_, r)| !r.done)
@@ -339,13 +327,12 @@ impl<B: Backend> Generator<B> {
             }
             return Ok(std::mem::take(&mut self.events));
         }
-        let out = match self.engine.step() {
-            Ok(out) => out,
-            Err(e @ SpindleError::ThreadDoesNotFit { thread, .. }) => {
+        match self.engine.step() {
+            Ok(_) => {}
+            Err(e @ SpindleError::ThreadDoesNotFit { request, .. }) => {
                 // Even preemption cannot make room for this request's thread: the others'
                 // pinned prefixes hold the pool. Start it again later if others will free
                 // blocks; give it up (keeping the rest) if it cannot fit even alone.
-                let request = self.ctl.get(&thread).map_or(thread, |c| c.request);
                 let others = self
                     .requests
                     .iter()
@@ -359,18 +346,22 @@ impl<B: Backend> Generator<B> {
                 return Ok(std::mem::take(&mut self.events));
             }
             Err(e) => return Err(e),
-        };
+        }
+        // The step's output again, borrowing the engine immutably so its thread tree can be
+        // read beside it.
+        let out = self.engine.last_output();
         self.steps += 1;
         for &t in out.preempted {
             self.events.push(Event::Preempted { thread: t });
         }
         self.trace.step(self.steps, out.threads.len(), out.rows);
-        let mut width: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut width: BTreeMap<RequestId, usize> = BTreeMap::new();
         for t in out.threads {
             let Some(c) = self.ctl.get_mut(&t.thread) else {
                 continue;
             };
-            *width.entry(c.request).or_default() += 1;
+            let thread = self.engine.thread(t.thread)?;
+            *width.entry(thread.request).or_default() += 1;
             // Draw the next token now, from the engine's logits buffer (no copy), for a
             // thread that will decide next; one about to fork or end does not draw.
             let Some(logits) = out.last_logits(t) else {
@@ -379,7 +370,7 @@ impl<B: Backend> Generator<B> {
             if c.done || !c.started || !matches!(c.after, After::Decide) {
                 continue;
             }
-            let Some(rs) = self.requests.get_mut(&c.request) else {
+            let Some(rs) = self.requests.get_mut(&thread.request) else {
                 continue;
             };
             let over_thread = c.role != Role::Root && c.count >= self.policy.thread_budget;
@@ -387,8 +378,8 @@ impl<B: Backend> Generator<B> {
                 Choice::OverBudget
             } else {
                 Choice::Token(rs.source.next_token(Decide {
-                    request: c.request,
-                    path: &c.path,
+                    request: thread.request,
+                    path: &thread.path,
                     generated: &c.generated,
                     logits,
                     rng: &mut c.rng,
@@ -463,7 +454,7 @@ impl<B: Backend> Generator<B> {
         let Some(c) = self.ctl.get(&id) else {
             return Ok(());
         };
-        let request = c.request;
+        let request = self.engine.request_of(id)?;
         let is_root = c.role == Role::Root;
         // Budgets first: a thread out of tokens ends where it is.
         let token = match choice {
@@ -475,12 +466,13 @@ impl<B: Backend> Generator<B> {
         };
         c.count += 1;
         rs.generated += 1;
-        let mut up = c.parent;
+        let mut up = self.engine.thread(id)?.parent;
         while let Some(a) = up {
-            up = self.ctl.get_mut(&a).and_then(|ac| {
-                ac.desc_count += 1;
-                ac.parent
-            });
+            let Some(ac) = self.ctl.get_mut(&a) else {
+                break;
+            };
+            ac.desc_count += 1;
+            up = self.engine.thread(a)?.parent;
         }
         let (Some(c), Some(rs)) = (self.ctl.get_mut(&id), self.requests.get_mut(&request)) else {
             return Ok(());
@@ -494,14 +486,14 @@ impl<B: Backend> Generator<B> {
             c.parser.split(&c.generated, token)
         };
         let pieces: Vec<u32> = match split {
-            Some((head, rest)) => head.into_iter().chain(rest).collect(),
+            Some(TokenSplit { head, rest }) => head.into_iter().chain(rest).collect(),
             None => vec![token],
         };
         if pieces.len() == 1 && pieces[0] == token {
             self.events.push(Event::Token {
                 request,
                 thread: id,
-                path: c.path.clone(),
+                path: self.engine.thread(id)?.path.clone(),
                 token,
             });
         }
@@ -535,7 +527,7 @@ impl<B: Backend> Generator<B> {
                 self.events.push(Event::Token {
                     request,
                     thread: id,
-                    path: c.path.clone(),
+                    path: self.engine.thread(id)?.path.clone(),
                     token: t,
                 });
             }
@@ -552,7 +544,7 @@ impl<B: Backend> Generator<B> {
                 }
             }
         }
-        let depth = c.path.len();
+        let depth = self.engine.thread(id)?.depth();
         let exhausted = c.remaining() == 0;
         if let Err(e) = self.engine.feed(id, &fed) {
             return self.fail(request, format!("token {token} from the token source: {e}"));
@@ -630,7 +622,7 @@ impl<B: Backend> Generator<B> {
         let Some(c) = self.ctl.get_mut(&id) else {
             return Ok(());
         };
-        let request = c.request;
+        let request = self.engine.request_of(id)?;
         let tr = c.parser.on_truncate(&c.generated);
         let is_root = c.role == Role::Root;
         if let Some(p) = tr.problem {
@@ -655,14 +647,14 @@ impl<B: Backend> Generator<B> {
             .ctl
             .get_mut(&id)
             .ok_or(SpindleError::UnknownThread { thread: id })?;
-        let request = c.request;
+        let request = self.engine.request_of(id)?;
         let fork_no = c.forks.len() as u64;
         // Split what the parent's subtree has left evenly (the first children get the
         // remainder): fixed at the fork, so independent of when each child runs.
         let (share, extra) = (c.remaining() / n, c.remaining() % n);
         c.forks.push(kids.clone());
         let parent_seed = c.seed;
-        let path = c.path.clone();
+        let path = self.engine.thread(id)?.path.clone();
         let protocol = self.requests[&request].protocol.clone();
         for (i, (&kid, child)) in kids.iter().zip(&spec.children).enumerate() {
             let seed = mix(parent_seed, &[fork_no, i as u64]);
@@ -670,10 +662,7 @@ impl<B: Backend> Generator<B> {
             self.ctl.insert(
                 kid,
                 ThreadCtl {
-                    request,
                     role,
-                    path: self.engine.thread(kid)?.path.clone(),
-                    parent: Some(id),
                     parser: protocol.parser(role),
                     seed,
                     rng: Rng::new(seed),
@@ -715,7 +704,7 @@ impl<B: Backend> Generator<B> {
             running: started.len(),
         });
         if started.len() < n {
-            self.push_waves(id, &started);
+            self.push_waves(id, &started)?;
         }
         Ok(())
     }
@@ -736,7 +725,8 @@ impl<B: Backend> Generator<B> {
         };
         c.done = true;
         c.end = Some(reason.clone());
-        let (request, path, parent) = (c.request, c.path.clone(), c.parent);
+        let thread = self.engine.thread(id)?;
+        let (request, path, parent) = (thread.request, thread.path.clone(), thread.parent);
         self.trace.thread_end(id, self.steps);
         self.events.push(Event::ThreadEnded {
             request,
@@ -770,7 +760,7 @@ impl<B: Backend> Generator<B> {
         let Some(fs) = c.fork.take() else {
             return Ok(());
         };
-        let request = c.request;
+        let request = self.engine.request_of(parent)?;
         let queued = self.engine.join(parent, fs.spec.join)?;
         self.engine.feed(parent, &fs.spec.after_join)?;
         let below = fs

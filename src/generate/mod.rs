@@ -25,7 +25,9 @@ pub use events::{EndReason, Event, RequestStats};
 pub use generator::{Generator, Request};
 pub use output::{RequestOutput, ThreadRecord};
 pub use policy::Policy;
-pub use protocol::{Action, ChildSpec, ForkSpec, Protocol, Role, ThreadParser, Truncation};
+pub use protocol::{
+    Action, ChildSpec, ForkSpec, Protocol, Role, ThreadParser, TokenSplit, Truncation,
+};
 pub use sampler::{Decide, Sampler, SamplingParams, TokenSource};
 pub use scripted::{ScriptItem, Scripted};
 pub use tags::{TagProtocol, TagSpec};

@@ -3,7 +3,7 @@
 
 use super::events::{path_label, EndReason, RequestStats};
 use crate::tokenizer::Tokenizer;
-use crate::tree::ThreadId;
+use crate::tree::{RequestId, ThreadId};
 
 /// One thread of a finished request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub struct ThreadRecord {
 /// A finished request.
 #[derive(Debug, Clone)]
 pub struct RequestOutput {
-    pub request: usize,
+    pub request: RequestId,
     pub reason: EndReason,
     /// The root's final context: prompt, its tokens, joined children's tokens (re-prefilled
     /// or reused), in context order. Empty for a cancelled request.

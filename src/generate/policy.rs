@@ -40,10 +40,11 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// Blocks one new child is planned to need: its prime and planned growth, plus one
-    /// for the copy-on-write of the shared tail block.
-    pub fn blocks_per_child(&self, prime_len: usize, block_size: usize) -> usize {
-        let growth = self.thread_budget.min(self.child_growth_tokens);
-        (prime_len + growth).div_ceil(block_size.max(1)) + 1
+    /// Tokens one new child is planned to append: its prime and planned growth. The
+    /// blocks they take are the engine's answer ([`crate::Engine::blocks_needed`]: the
+    /// child's view, its shared tail block and the copy-on-write setting), not the
+    /// policy's.
+    pub fn planned_tokens(&self, prime_len: usize) -> usize {
+        prime_len + self.thread_budget.min(self.child_growth_tokens)
     }
 }

@@ -60,13 +60,23 @@ pub struct Truncation {
     pub problem: Option<String>,
 }
 
+/// A chosen token cut at the end of a control tag's text ([`ThreadParser::split`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSplit {
+    /// Tokens of the text up to the tag's end, fed in the token's place.
+    pub head: Vec<u32>,
+    /// Tokens of the rest of the token's text, fed after unless the tag forks or ends
+    /// the thread.
+    pub rest: Vec<u32>,
+}
+
 /// Reads one thread's tokens as they are generated.
 pub trait ThreadParser: Send {
     /// Called with a newly chosen `token` before it is cached (`generated` does not hold it
     /// yet). When a control tag's text ends inside the token, returns the tokens of its text
     /// up to the tag's end (`head`, fed in its place) and of the rest (`rest`, fed after
     /// unless the tag forks or ends the thread). `None`: feed the token as it is.
-    fn split(&mut self, _generated: &[u32], _token: u32) -> Option<(Vec<u32>, Vec<u32>)> {
+    fn split(&mut self, _generated: &[u32], _token: u32) -> Option<TokenSplit> {
         None
     }
     /// `generated` is every token the thread generated so far; its last one is new.

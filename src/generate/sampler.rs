@@ -3,11 +3,12 @@
 //! temperature, top-k, top-p) drawing from the thread's own seeded generator.
 
 use super::rng::Rng;
+use crate::tree::RequestId;
 
 /// What a token source sees when a thread needs its next token.
 pub struct Decide<'a> {
-    /// The request (its root thread's id).
-    pub request: usize,
+    /// The request.
+    pub request: RequestId,
     /// The thread's path in the tree (child indices from the root).
     pub path: &'a [u32],
     /// Tokens this thread has generated so far (prompt, primes and re-prefills excluded).

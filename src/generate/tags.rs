@@ -29,7 +29,9 @@
 //! close without an open, an entry outside a container, a container with no entries, or a
 //! child-end tag in a root thread are kept as text and reported as [`Action::Malformed`].
 
-use super::protocol::{Action, ChildSpec, ForkSpec, Protocol, Role, ThreadParser, Truncation};
+use super::protocol::{
+    Action, ChildSpec, ForkSpec, Protocol, Role, ThreadParser, TokenSplit, Truncation,
+};
 use crate::error::{Result, SpindleError};
 use crate::tokenizer::Tokenizer;
 use crate::tree::JoinKind;
@@ -444,7 +446,7 @@ impl TagParser {
 }
 
 impl ThreadParser for TagParser {
-    fn split(&mut self, generated: &[u32], token: u32) -> Option<(Vec<u32>, Vec<u32>)> {
+    fn split(&mut self, generated: &[u32], token: u32) -> Option<TokenSplit> {
         let tt = self.text.as_ref()?;
         let (before, n) = tt.tail(generated);
         let mut ids = generated[generated.len() - n..].to_vec();
@@ -471,7 +473,7 @@ impl ThreadParser for TagParser {
         if head.is_empty() {
             return None;
         }
-        Some((head, rest))
+        Some(TokenSplit { head, rest })
     }
 
     fn on_token(&mut self, generated: &[u32]) -> Action {

@@ -4,14 +4,15 @@
 //! generator started; every event also carries its step index.
 
 use crate::error::{Result, SpindleError};
+use crate::tree::{RequestId, ThreadId};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
 struct Span {
-    request: usize,
-    thread: usize,
+    request: RequestId,
+    thread: ThreadId,
     name: String,
     start_us: u64,
     start_step: u64,
@@ -55,7 +56,7 @@ impl TraceRecorder {
     }
 
     /// A thread started at `step`.
-    pub fn thread_start(&mut self, request: usize, thread: usize, name: String, step: u64) {
+    pub fn thread_start(&mut self, request: RequestId, thread: ThreadId, name: String, step: u64) {
         let start_us = self.now_us();
         self.spans.push(Span {
             request,
@@ -68,7 +69,7 @@ impl TraceRecorder {
     }
 
     /// A thread ended at `step`.
-    pub fn thread_end(&mut self, thread: usize, step: u64) {
+    pub fn thread_end(&mut self, thread: ThreadId, step: u64) {
         let now = self.now_us();
         if let Some(s) = self
             .spans

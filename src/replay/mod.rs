@@ -6,7 +6,7 @@
 use crate::backend::Backend;
 use crate::engine::{Engine, EngineStats};
 use crate::error::{Result, SpindleError};
-use crate::tree::{JoinKind, ThreadId};
+use crate::tree::{JoinKind, RequestId, ThreadId};
 
 pub mod tree_file;
 use crate::replay::tree_file::{NodeLogits, TreeNode};
@@ -96,7 +96,7 @@ fn broken(what: &str) -> SpindleError {
 #[derive(Debug)]
 pub struct Replay<'t> {
     tree: &'t TreeNode,
-    root: ThreadId,
+    request: RequestId,
     cursors: BTreeMap<ThreadId, Cursor>,
     out: NodeLogits,
 }
@@ -118,15 +118,15 @@ impl<'t> Replay<'t> {
         );
         Ok(Self {
             tree,
-            root,
+            request: engine.request_of(root)?,
             cursors,
             out: NodeLogits::skeleton(tree),
         })
     }
 
-    /// The request (its root thread).
-    pub fn request(&self) -> ThreadId {
-        self.root
+    /// The request.
+    pub fn request(&self) -> RequestId {
+        self.request
     }
 
     /// True when every thread of the tree has finished.
@@ -152,7 +152,7 @@ impl<'t> Replay<'t> {
     pub fn collect<B: Backend>(&mut self, engine: &Engine<B>) -> Result<()> {
         let step = engine.last_output();
         for t in step.threads {
-            if engine.thread(t.thread)?.request != self.root {
+            if engine.thread(t.thread)?.request != self.request {
                 continue;
             }
             let c = self

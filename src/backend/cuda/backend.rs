@@ -257,9 +257,10 @@ impl CudaBackend {
         &self.gpu
     }
 
-    /// K/V tokens the attention kernels were asked to read since creation, summed over
-    /// layers: per row (decode) or per row group (prefill), the visible view length. This
-    /// is the per-thread kernel's logical count, not the plan's `kv_tokens_read`.
+    /// K/V tokens attention read since creation, summed over layers: the plan's count
+    /// (`AttentionPlan::kv_tokens_read`, each shared item once) of every step, once per
+    /// layer, as the CPU backend and the engine's stats count them. (The per-row kernels
+    /// the plan is lowered to may read a shared prefix once per row or row group.)
     pub fn kv_tokens_read(&self) -> u64 {
         self.kv_tokens_read
     }
@@ -443,7 +444,7 @@ impl Backend for CudaBackend {
                 max_view: h.max_view,
             },
         };
-        self.kv_tokens_read += h.logical_tokens * self.cfg.num_layers as u64;
+        self.kv_tokens_read += step.plan.kv_tokens_read * self.cfg.num_layers as u64;
         self.step = Some(StepBufs {
             rows,
             tokens: upload(&stream, &as_i32("token", &step.tokens)?)?,

@@ -16,8 +16,6 @@ pub(super) struct HostAttn {
     pub(super) row_limit: Vec<i32>,
     /// `Some(q_indptr)` when rows are grouped for the prefill kernel.
     pub(super) groups: Option<Vec<i32>>,
-    /// Sum over entries of the visible view length (logical K/V tokens read).
-    pub(super) logical_tokens: u64,
     pub(super) max_view: usize,
 }
 
@@ -144,7 +142,6 @@ pub(super) fn host_attention(
         len: Vec::new(),
         row_limit,
         groups: None,
-        logical_tokens: 0,
         max_view,
     };
     let push_list = |h: &mut HostAttn, list: &[ChunkTriple]| -> Result<()> {
@@ -158,16 +155,14 @@ pub(super) fn host_attention(
     };
     if grouped {
         let mut q_indptr = vec![0i32];
-        for &(a, b, longest) in &entries {
+        for &(_, b, longest) in &entries {
             push_list(&mut h, &lists[longest])?;
             q_indptr.push(b as i32);
-            h.logical_tokens += limits[a..b].iter().copied().max().unwrap_or(0) as u64;
         }
         h.groups = Some(q_indptr);
     } else {
-        for (list, &lim) in lists.iter().zip(&limits) {
+        for list in &lists {
             push_list(&mut h, list)?;
-            h.logical_tokens += lim as u64;
         }
     }
     Ok(h)
@@ -219,7 +214,6 @@ mod tests {
             let h = host_attention(&step, 8, 4, true).unwrap();
             assert_eq!(h.groups, Some(vec![0, 1, 4]));
             assert_eq!(h.indptr, vec![0, 3, 6]);
-            assert_eq!(h.logical_tokens, 10 + 11);
             let h = host_attention(&step, 8, 4, false).unwrap();
             assert_eq!(h.groups, None);
             assert_eq!(h.indptr, vec![0, 3, 6, 9, 12]);

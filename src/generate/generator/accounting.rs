@@ -5,8 +5,8 @@ use super::*;
 
 impl<B: Backend> Generator<B> {
     /// Finishes a request at its root.
-    pub(super) fn finish_root(&mut self, request: usize, reason: EndReason) -> Result<()> {
-        let root = self.root_of(request);
+    pub(super) fn finish_root(&mut self, request: RequestId, reason: EndReason) -> Result<()> {
+        let root = self.engine.root_of(request)?;
         self.engine.finish(root)?;
         if let Some(c) = self.ctl.get_mut(&root) {
             c.done = true;
@@ -30,7 +30,7 @@ impl<B: Backend> Generator<B> {
     ///
     /// # Errors
     /// [`SpindleError::UnknownRequest`] when no request has this id.
-    pub fn cancel(&mut self, request: usize) -> Result<()> {
+    pub fn cancel(&mut self, request: RequestId) -> Result<()> {
         let Some(rs) = self.requests.get(&request) else {
             return Err(SpindleError::UnknownRequest { request });
         };
@@ -42,8 +42,8 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Releases every thread of `request` in the engine and marks them ended.
-    pub(super) fn end_all(&mut self, request: usize) -> Result<()> {
-        self.engine.cancel(self.root_of(request))?;
+    pub(super) fn end_all(&mut self, request: RequestId) -> Result<()> {
+        self.engine.cancel(request)?;
         let ids: Vec<ThreadId> = self
             .requests
             .get(&request)
@@ -61,8 +61,8 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Cancels a request after an error: every thread released, an `Error` event.
-    pub(super) fn fail(&mut self, request: usize, message: String) -> Result<()> {
-        self.engine.cancel(self.root_of(request))?;
+    pub(super) fn fail(&mut self, request: RequestId, message: String) -> Result<()> {
+        self.engine.cancel(request)?;
         let ids: Vec<ThreadId> = self
             .requests
             .get(&request)
@@ -81,25 +81,26 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Records a finished request's output and stats.
-    pub(super) fn complete(&mut self, request: usize, reason: EndReason) -> Result<()> {
+    pub(super) fn complete(&mut self, request: RequestId, reason: EndReason) -> Result<()> {
         let Some(rs) = self.requests.get_mut(&request) else {
             return Ok(());
         };
         rs.done = true;
-        let root = rs.root;
+        let root = self.engine.root_of(request)?;
         let mut threads = Vec::new();
         let mut per_thread = Vec::new();
         for &id in &rs.threads {
             let Some(c) = self.ctl.get(&id) else { continue };
+            let t = self.engine.thread(id)?;
             per_thread.push(ThreadTokens {
                 thread: id,
-                path: path_label(&c.path),
+                path: path_label(&t.path),
                 tokens: c.count,
             });
             threads.push(ThreadRecord {
                 thread: id,
-                parent: c.parent,
-                path: c.path.clone(),
+                parent: t.parent,
+                path: t.path.clone(),
                 prime: c.prime.clone(),
                 generated: c.generated.clone(),
                 forks: c.forks.clone(),
@@ -141,29 +142,22 @@ impl<B: Backend> Generator<B> {
         Ok(())
     }
 
-    /// The current root thread of `request`.
-    pub(super) fn root_of(&self, request: usize) -> ThreadId {
-        self.requests.get(&request).map_or(request, |rs| rs.root)
-    }
-
     /// Gives a request that the pool cannot hold beside the others its blocks back and
     /// starts it again from its prompt (it waits behind the older requests). Its output
     /// will be the same: every draw depends only on the request's seed and the thread's
     /// place in the tree. An [`Event::Restarted`] tells a streaming consumer to drop what
     /// it showed of the request so far.
-    pub(super) fn restart(&mut self, request: usize) -> Result<()> {
+    pub(super) fn restart(&mut self, request: RequestId) -> Result<()> {
         let Some(rs) = self.requests.get_mut(&request) else {
             return Err(SpindleError::UnknownRequest { request });
         };
-        self.engine.cancel(rs.root)?;
         rs.source.restart();
         for id in rs.threads.drain(..) {
             if self.ctl.remove(&id).is_some_and(|c| !c.done) {
                 self.trace.thread_end(id, self.steps);
             }
         }
-        let root = self.engine.add_request(&rs.prompt)?;
-        rs.root = root;
+        let root = self.engine.restart_request(request, &rs.prompt)?;
         rs.threads.push(root);
         rs.restarts += 1;
         rs.generated = 0;
@@ -172,17 +166,11 @@ impl<B: Backend> Generator<B> {
         rs.last_step = 0;
         rs.peak_width = 0;
         rs.thread_steps = 0;
-        let ctl = root_ctl(
-            request,
-            &rs.prompt,
-            rs.protocol.as_ref(),
-            rs.seed,
-            rs.budget,
-        );
+        let ctl = root_ctl(&rs.prompt, rs.protocol.as_ref(), rs.seed, rs.budget);
         self.ctl.insert(root, ctl);
         self.trace.thread_start(
-            root,
             request,
+            root,
             format!("request {request} root (restart {})", rs.restarts),
             self.steps,
         );

@@ -1,20 +1,20 @@
 //! Starting a fork's children in waves: as many as the free KV blocks allow (each planned
-//! at its prime plus its planned growth), the rest when running siblings end.
+//! at its prime plus its planned growth, in blocks as the engine counts them), the rest
+//! when running siblings end.
 
 use super::*;
 
 impl<B: Backend> Generator<B> {
-    pub(super) fn push_waves(&mut self, parent: ThreadId, started: &[ThreadId]) {
+    pub(super) fn push_waves(&mut self, parent: ThreadId, started: &[ThreadId]) -> Result<()> {
         let Some(c) = self.ctl.get(&parent) else {
-            return;
+            return Ok(());
         };
-        let Some(fs) = &c.fork else { return };
-        let bs = self.engine.pool().block_size();
-        let prime = fs
-            .spec
+        let Some(fs) = &c.fork else { return Ok(()) };
+        let per_child = fs
             .children
             .iter()
-            .map(|ch| ch.prime.len())
+            .zip(&fs.spec.children)
+            .map(|(&k, ch)| self.blocks_still_needed(k, ch.prime.len()))
             .max()
             .unwrap_or(0);
         let running = fs.children[..fs.started]
@@ -22,28 +22,32 @@ impl<B: Backend> Generator<B> {
             .filter(|k| self.ctl.get(k).is_some_and(|k| !k.done))
             .count();
         self.events.push(Event::Waves {
-            request: c.request,
+            request: self.engine.request_of(parent)?,
             parent,
             children: fs.children.len(),
             running,
             started: started.to_vec(),
             free_blocks: self.engine.pool().num_free(),
-            blocks_per_child: self.policy.blocks_per_child(prime, bs),
+            blocks_per_child: per_child,
         });
+        Ok(())
+    }
+
+    /// Blocks child `id` (primed with `prime_len` tokens) may still claim under the
+    /// policy's plan: the engine's count for the planned tokens it has not cached yet.
+    fn blocks_still_needed(&self, id: ThreadId, prime_len: usize) -> usize {
+        let planned = self.policy.planned_tokens(prime_len);
+        let cached = self.engine.context_since_fork(id);
+        self.engine
+            .blocks_needed(id, planned.saturating_sub(cached))
     }
 
     /// Blocks that running children may still claim under the policy's plan.
     pub(super) fn outstanding_blocks(&self) -> usize {
-        let bs = self.engine.pool().block_size();
         self.ctl
             .iter()
             .filter(|(_, c)| c.started && !c.done && c.role != Role::Root && c.fork.is_none())
-            .map(|(&id, c)| {
-                let held = self.engine.own_blocks(id);
-                self.policy
-                    .blocks_per_child(c.prime.len(), bs)
-                    .saturating_sub(held)
-            })
+            .map(|(&id, c)| self.blocks_still_needed(id, c.prime.len()))
             .sum()
     }
 
@@ -51,14 +55,13 @@ impl<B: Backend> Generator<B> {
     /// none of them is running, so a fork always progresses). When the request's budget
     /// is spent, waiting children end at once without running.
     pub(super) fn start_children(&mut self, parent: ThreadId) -> Result<Vec<ThreadId>> {
-        let bs = self.engine.pool().block_size();
         let Some(c) = self.ctl.get(&parent) else {
             return Ok(Vec::new());
         };
         let Some(fs) = &c.fork else {
             return Ok(Vec::new());
         };
-        let request = c.request;
+        let request = self.engine.request_of(parent)?;
         let waiting: Vec<ThreadId> = fs.children[fs.started..].to_vec();
         if waiting.is_empty() {
             return Ok(Vec::new());
@@ -95,7 +98,7 @@ impl<B: Backend> Generator<B> {
         let mut left = available;
         for &k in &waiting {
             let prime_len = self.ctl.get(&k).map_or(0, |kc| kc.prime.len());
-            let need = self.policy.blocks_per_child(prime_len, bs);
+            let need = self.blocks_still_needed(k, prime_len);
             let forced = running == 0 && started.is_empty();
             if need > left && !forced {
                 break;
@@ -121,9 +124,9 @@ impl<B: Backend> Generator<B> {
     }
 
     pub(super) fn span_name(&self, id: ThreadId) -> String {
-        match self.ctl.get(&id) {
-            Some(c) => format!("[{}] t{id}", path_label(&c.path)),
-            None => format!("t{id}"),
+        match self.engine.thread(id) {
+            Ok(t) if self.ctl.contains_key(&id) => format!("[{}] t{id}", path_label(&t.path)),
+            _ => format!("t{id}"),
         }
     }
 
@@ -149,7 +152,7 @@ impl<B: Backend> Generator<B> {
                 .map_or(0, |f| f.started);
             let started = self.start_children(p)?;
             if !started.is_empty() {
-                self.push_waves(p, &started);
+                self.push_waves(p, &started)?;
             }
             let after = self
                 .ctl
