@@ -446,3 +446,78 @@ fn kv_pool_sized_from_free_memory() {
         ));
     }
 }
+
+// ------------------------------------------------------------------ fused step
+
+/// Max |a - b| over two runs' logits of the same sequence.
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "same number of rows");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// The fused step (`StepProgram` in the arena, one staging copy) against the op-by-op
+/// layer loop on the same device: the same logits up to GEMM shape effects (q/k/v and
+/// gate/up are one GEMM each when fused), no allocation or memset after load, one input
+/// copy per step; the loop allocates, which shows the counters count.
+#[test]
+fn fused_step_matches_the_layer_loop_without_allocating() {
+    const T: &str = "fused_step_matches_the_layer_loop_without_allocating";
+    for name in FIXTURES {
+        let r = reference(name);
+        let case = r["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .find(|c| c["kind"] == "sequence")
+            .expect("a sequence case");
+        let tokens: Vec<u32> = serde_json::from_value(case["tokens"].clone()).expect("tokens");
+        let tree = TreeNode::sequence(tokens);
+        let ck = Checkpoint::open(&fixture(name)).expect("fixture opens");
+        let mut runs = Vec::new();
+        for fused in [true, false] {
+            let opts = CudaOptions {
+                block_size: 16,
+                pool: KvPoolSize::Blocks(blocks_for(&tree, 16)),
+                fused_step: fused,
+                ..Default::default()
+            };
+            let Some(b) = cuda_backend(T, &ck, &opts) else {
+                return;
+            };
+            let before = b.counters();
+            let mut e = Engine::new(b, EngineConfig::default());
+            let (out, stats) = replay_with_stats(&mut e, &tree).expect("replay");
+            let c = e.backend().counters().since(&before);
+            println!(
+                "{name} fused={fused}: {} steps, {} launches, {} allocations, {} memsets, {} H2D (+{} attention uploads in all), {} D2H",
+                stats.steps,
+                c.launches,
+                c.allocations,
+                c.memsets,
+                c.h2d_copies,
+                e.backend().attention_uploads(),
+                c.d2h_copies
+            );
+            if fused {
+                assert_eq!(c.allocations, 0, "{name}: fused steps allocate nothing");
+                assert_eq!(c.memsets, 0, "{name}: fused steps zero-fill nothing");
+                assert_eq!(c.h2d_copies, stats.steps, "{name}: one input copy a step");
+            } else {
+                assert!(
+                    c.allocations > 0,
+                    "{name}: the layer loop allocates (counted)"
+                );
+            }
+            runs.push(out.logits);
+        }
+        let d = max_abs_diff(&runs[0], &runs[1]);
+        println!("{name}: fused vs layer loop max |diff| = {d:.3e}");
+        assert!(d <= REF_MAX_ABS, "{name}: fused vs layer loop {d}");
+    }
+}
