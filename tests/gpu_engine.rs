@@ -521,3 +521,64 @@ fn fused_step_matches_the_layer_loop_without_allocating() {
         assert!(d <= REF_MAX_ABS, "{name}: fused vs layer loop {d}");
     }
 }
+
+/// Greedy sampling on the device (`CudaBackend::forward_greedy`: argmax kernel, token ids
+/// only come back) chooses what the CPU sampler's `argmax` chooses from the same step's
+/// logits, with one small download instead of the logits.
+#[test]
+fn device_greedy_matches_the_cpu_samplers_choice() {
+    use spindle::backend::{Backend, StepInput};
+    use spindle::kv::Chunk;
+    use spindle::plan::{AttentionPlan, PlanThread};
+    const T: &str = "device_greedy_matches_the_cpu_samplers_choice";
+    let ck = Checkpoint::open(&fixture("tiny-qwen3")).expect("fixture");
+    let vocab = ck.config().vocab_size;
+    let (threads, len, bs) = (4usize, 5usize, 16usize);
+    let opts = CudaOptions {
+        block_size: bs,
+        pool: KvPoolSize::Blocks(threads),
+        ..Default::default()
+    };
+    let Some(mut b) = cuda_backend(T, &ck, &opts) else {
+        return;
+    };
+    // `threads` independent prompts, thread t in block t, one prefill step.
+    let mut step = StepInput::default();
+    let mut plan_threads = Vec::new();
+    for t in 0..threads {
+        let mut rows = Vec::new();
+        for i in 0..len {
+            step.tokens.push(((t * 131 + i * 17 + 3) % vocab) as u32);
+            step.positions.push(i as u32);
+            step.slots.push((t * bs + i) as u32);
+            rows.push(((t * len + i) as u32, i as u32 + 1));
+        }
+        step.logit_rows.push((t * len + len - 1) as u32);
+        plan_threads.push(PlanThread {
+            chunks: vec![Chunk {
+                block: t as u32,
+                start: 0,
+                len: len as u32,
+            }],
+            rows,
+        });
+    }
+    step.plan = AttentionPlan::build(&plan_threads, AttentionMode::Forked, 0);
+    let mut logits = Vec::new();
+    b.forward(&step, &mut logits).expect("fused step");
+    let want: Vec<u32> = logits
+        .chunks_exact(vocab)
+        .map(spindle::generate::sampler::argmax)
+        .collect();
+    let before = b.counters();
+    let mut ids = Vec::new();
+    b.forward_greedy(&step, &mut ids).expect("greedy step");
+    let c = b.counters().since(&before);
+    println!(
+        "{T}: tokens {ids:?}, {} launches, {} allocations, {} H2D, {} D2H",
+        c.launches, c.allocations, c.h2d_copies, c.d2h_copies
+    );
+    assert_eq!(ids, want, "device argmax = CPU sampler's argmax");
+    assert_eq!(c.d2h_copies, 1, "only the token ids come back");
+    assert_eq!(c.allocations, 0);
+}

@@ -38,20 +38,21 @@ fn configs() -> Vec<(String, ModelConfig)> {
 #[test]
 fn decode_step_counts_meet_the_targets() {
     for (name, cfg) in configs() {
-        for (rows, split) in [(1, false), (16, false), (64, true)] {
+        for (rows, split, greedy) in [(1, false, false), (16, false, true), (64, true, true)] {
             let shape = StepShape {
                 rows,
                 logit_rows: rows,
                 copies: false,
                 // Split-KV decode (long views) merges partials in a second launch.
                 attention_launches: if split { 2 } else { 1 },
+                greedy,
             };
             let p = StepProgram::build(&cfg, &shape);
             let c = p.counters();
             let per_layer = p.launches_per_layer();
             let max = *per_layer.iter().max().expect("layers");
             println!(
-                "{name} W={rows} split={split}: {} launches ({} layers, max {max}/layer), {} allocations, {} memsets, {} H2D, {} D2H",
+                "{name} W={rows} split={split} greedy={greedy}: {} launches ({} layers, max {max}/layer), {} allocations, {} memsets, {} H2D, {} D2H",
                 c.launches, cfg.num_layers, c.allocations, c.memsets, c.h2d_copies, c.d2h_copies
             );
             assert!(max <= MAX_LAUNCHES_PER_LAYER, "{name}: {per_layer:?}");
@@ -59,9 +60,15 @@ fn decode_step_counts_meet_the_targets() {
             assert_eq!(c.memsets, 0, "{name}");
             assert_eq!(c.h2d_copies, 1, "{name}: one packed input copy");
             assert_eq!(c.d2h_copies, 1, "{name}: one download");
-            // Head (embed) + layers + tail (final norm, gather, lm_head).
+            // Head (embed) + layers + tail (final norm, gather, lm_head[, argmax]).
             let layers: u64 = per_layer.iter().sum();
-            assert_eq!(c.launches, 1 + layers + 3, "{name}");
+            assert_eq!(c.launches, 1 + layers + 3 + greedy as u64, "{name}");
+            assert_eq!(
+                p.ops.contains(&Op::DownloadTokens),
+                greedy,
+                "{name}: greedy steps bring back token ids only"
+            );
+            assert_eq!(p.ops.contains(&Op::Download), !greedy, "{name}");
         }
     }
 }
@@ -74,6 +81,7 @@ fn every_layer_runs_each_fused_op_once() {
         logit_rows: 2,
         copies: true,
         attention_launches: 1,
+        greedy: false,
     };
     let p = StepProgram::build(&cfg, &shape);
     for layer in 0..cfg.num_layers {

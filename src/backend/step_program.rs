@@ -82,8 +82,13 @@ pub enum Op {
     SiluMul { layer: usize },
     /// Gather the rows whose logits are wanted.
     GatherLogitRows,
-    /// Copy back what the host needs: token ids, or the logits of the rows that asked.
+    /// Greedy token of every logit row on the device (lowest index on ties, as the CPU
+    /// sampler's `argmax`).
+    Argmax,
+    /// Copy the logits of the logit rows back to the host.
     Download,
+    /// Copy the greedy token ids (only) back to the host.
+    DownloadTokens,
 }
 
 impl Op {
@@ -107,7 +112,7 @@ impl Op {
         let mut c = StepCounters::default();
         match *self {
             Op::UploadInputs => c.h2d_copies = 1,
-            Op::Download => c.d2h_copies = 1,
+            Op::Download | Op::DownloadTokens => c.d2h_copies = 1,
             Op::Attention { launches, .. } => c.launches = launches,
             _ => c.launches = 1,
         }
@@ -126,6 +131,8 @@ pub struct StepShape {
     pub copies: bool,
     /// Launches of one layer's attention (1, or 2 for split-KV decode).
     pub attention_launches: u64,
+    /// Greedy tokens chosen on the device; only token ids come back.
+    pub greedy: bool,
 }
 
 /// The fused step's operations, in launch order.
@@ -206,7 +213,11 @@ impl StepProgram {
                 layer: n,
                 gemm: Gemm::LmHead,
             });
-            ops.push(Op::Download);
+            if shape.greedy {
+                ops.extend([Op::Argmax, Op::DownloadTokens]);
+            } else {
+                ops.push(Op::Download);
+            }
         }
         Self { ops, num_layers: n }
     }
@@ -407,6 +418,7 @@ mod tests {
             logit_rows: 0,
             copies: false,
             attention_launches: 1,
+            greedy: false,
         };
         assert_eq!(StepProgram::build(&cfg, &shape).ops, vec![Op::UploadInputs]);
     }

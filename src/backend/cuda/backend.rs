@@ -143,7 +143,8 @@ struct Arena {
     v: CudaSlice<bf16>,       // [rows, kv]
     gate_up: CudaSlice<bf16>, // [rows, 2 inter]
     act: CudaSlice<bf16>,     // [rows, inter]
-    logits: CudaSlice<f32>,   // [rows, vocab]
+    logits: CudaSlice<f32>,   // [logit_rows, vocab]
+    tokens: CudaSlice<i32>,   // [logit_rows] greedy tokens
 }
 
 impl Arena {
@@ -172,6 +173,11 @@ impl Arena {
                 c.allocations += 1;
                 // SAFETY: as above; the lm_head GEMM writes every logit that is read.
                 drv(unsafe { stream.alloc::<f32>(layout.logits_f32) })?
+            },
+            tokens: {
+                c.allocations += 1;
+                // SAFETY: as above; argmax writes every token that is read.
+                drv(unsafe { stream.alloc::<i32>(layout.logit_rows.max(1)) })?
             },
             layout,
         };
@@ -324,7 +330,7 @@ impl CudaBackend {
     }
 
     /// The shape of the step in progress, as its program needs it.
-    fn shape_of(&self, s: &StepBufs, copies: bool) -> StepShape {
+    fn shape_of(&self, s: &StepBufs, copies: bool, greedy: bool) -> StepShape {
         let attention_launches = match s.launch {
             AttnLaunch::Decode { max_view }
                 if kern::decode_num_splits(max_view, self.opts.partition_size) > 1 =>
@@ -338,6 +344,7 @@ impl CudaBackend {
             logit_rows: s.num_logit_rows,
             copies,
             attention_launches,
+            greedy,
         }
     }
 
@@ -358,12 +365,46 @@ impl CudaBackend {
                 logit_rows: step.logit_rows.len(),
                 copies: !step.copies.is_empty(),
                 attention_launches,
+                greedy: false,
             },
         ))
     }
 
+    /// One fused step that chooses the greedy token of every logit row on the device
+    /// (`argmax`, lowest index on ties, as the CPU sampler's) and brings back only those
+    /// ids, in logit-row order, over `tokens`.
+    pub fn forward_greedy(&mut self, step: &StepInput, tokens: &mut Vec<u32>) -> Result<()> {
+        let mut unused = Vec::new();
+        self.run_fused(step, &mut unused, tokens, true)
+    }
+
+    /// The fused step: [`StepProgram`] run in the arena.
+    fn run_fused(
+        &mut self,
+        step: &StepInput,
+        logits: &mut Vec<f32>,
+        tokens: &mut Vec<u32>,
+        greedy: bool,
+    ) -> Result<()> {
+        logits.clear();
+        tokens.clear();
+        self.ensure_capacity(step.tokens.len(), step.logit_rows.len())?;
+        self.begin_step(step)?;
+        let program = {
+            let s = self.step_bufs()?;
+            StepProgram::build(
+                &self.cfg,
+                &self.shape_of(s, !step.copies.is_empty(), greedy),
+            )
+        };
+        for &op in &program.ops {
+            self.run_op(op, logits, tokens)?;
+        }
+        Ok(())
+    }
+
     /// One op of the fused step (see [`StepProgram`]), counted.
-    fn run_op(&mut self, op: Op, logits: &mut Vec<f32>) -> Result<()> {
+    fn run_op(&mut self, op: Op, logits: &mut Vec<f32>, tokens: &mut Vec<u32>) -> Result<()> {
         let s = self
             .step
             .as_ref()
@@ -557,6 +598,19 @@ impl CudaBackend {
                 &stage.slice(s.pack.logit_rows.clone()),
                 hidden,
             )?,
+            Op::Argmax => kern::argmax(
+                &stream,
+                &mut a.tokens.slice_mut(0..m),
+                &a.logits.slice(0..m * vocab),
+            )?,
+            Op::DownloadTokens => {
+                launches = 0;
+                let mut ids = vec![0i32; m];
+                drv(stream.memcpy_dtoh(&a.tokens.slice(0..m), ids.as_mut_slice()))?;
+                drv(stream.synchronize())?;
+                self.counters.d2h_copies += 1;
+                tokens.extend(ids.iter().map(|&t| t as u32));
+            }
             Op::Download => {
                 launches = 0;
                 logits.resize(m * vocab, 0.0);
@@ -709,17 +763,8 @@ impl Backend for CudaBackend {
         if !self.opts.fused_step {
             return crate::model::layer_loop(self, step, logits);
         }
-        logits.clear();
-        self.ensure_capacity(step.tokens.len(), step.logit_rows.len())?;
-        self.begin_step(step)?;
-        let program = {
-            let s = self.step_bufs()?;
-            StepProgram::build(&self.cfg, &self.shape_of(s, !step.copies.is_empty()))
-        };
-        for &op in &program.ops {
-            self.run_op(op, logits)?;
-        }
-        Ok(())
+        let mut unused = Vec::new();
+        self.run_fused(step, logits, &mut unused, false)
     }
 
     fn name(&self) -> &'static str {
