@@ -10,6 +10,7 @@ pub mod cpu_attention;
 pub mod cuda;
 pub mod null;
 pub mod packed;
+pub mod profile;
 pub mod simd;
 pub mod step_program;
 pub mod weights;

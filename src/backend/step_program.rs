@@ -107,6 +107,31 @@ impl Op {
         }
     }
 
+    /// Its NVTX range name (the kernel family).
+    pub fn name(&self) -> &'static str {
+        match *self {
+            Op::UploadInputs => "upload_inputs",
+            Op::CopyBlocks => "copy_blocks",
+            Op::Embed => "embed",
+            Op::Norm { .. } | Op::AddNorm { .. } => "rmsnorm",
+            Op::Gemm { gemm, .. } => match gemm {
+                Gemm::Qkv => "gemm.qkv",
+                Gemm::O => "gemm.o",
+                Gemm::GateUp => "gemm.gate_up",
+                Gemm::Down => "gemm.down",
+                Gemm::LmHead => "gemm.lm_head",
+            },
+            Op::OBias { .. } => "bias_add",
+            Op::QkvPrep { .. } => "qkv_prep",
+            Op::KvWrite { .. } => "kv_write",
+            Op::Attention { .. } => "attention",
+            Op::SiluMul { .. } => "silu_mul",
+            Op::GatherLogitRows => "gather_logit_rows",
+            Op::Argmax => "argmax",
+            Op::Download | Op::DownloadTokens => "download",
+        }
+    }
+
     /// What the op costs on the device.
     pub fn counters(&self) -> StepCounters {
         let mut c = StepCounters::default();

@@ -35,10 +35,12 @@ use cudarc::driver::PinnedHostSlice;
 use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, KvCache};
 use super::lowering::host_attention;
 pub use super::pool::{CudaOptions, KvPoolSize, PoolInfo};
+use super::profile::{profiler, range};
 use super::weights::{
     upload, upload_head, upload_layer, DLayer, Device, HostBf16, LinearPart, Loader,
 };
 use super::{Blas, CudaError, Gpu};
+use crate::backend::profile::profile_steps;
 use crate::backend::step_program::{
     pack_step, packed_len, ArenaLayout, Gemm, Op, PackLayout, StepCounters, StepProgram, StepShape,
 };
@@ -127,6 +129,8 @@ pub struct CudaBackend {
     /// `[capacity]` pinned staging buffer of the packed step inputs, and its device twin.
     stage_h: PinnedHostSlice<i32>,
     stage_d: CudaSlice<i32>,
+    /// Fused steps run since load (for `--profile-steps`).
+    steps: u64,
 }
 
 /// The fused step's activation buffers ([`ArenaLayout`]), allocated once.
@@ -312,6 +316,7 @@ impl CudaBackend {
             arena,
             stage_h,
             stage_d,
+            steps: 0,
         })
     }
 
@@ -388,8 +393,19 @@ impl CudaBackend {
     ) -> Result<()> {
         logits.clear();
         tokens.clear();
+        // --profile-steps A..B: the profiler collects steps A to B - 1.
+        let n = self.steps;
+        self.steps += 1;
+        let profile = profile_steps();
+        if profile.as_ref().is_some_and(|r| r.start == n) {
+            profiler(true)?;
+        }
+        let _step = range("step");
         self.ensure_capacity(step.tokens.len(), step.logit_rows.len())?;
-        self.begin_step(step)?;
+        {
+            let _r = range("begin_step");
+            self.begin_step(step)?;
+        }
         let program = {
             let s = self.step_bufs()?;
             StepProgram::build(
@@ -398,7 +414,12 @@ impl CudaBackend {
             )
         };
         for &op in &program.ops {
+            let _r = range(op.name());
             self.run_op(op, logits, tokens)?;
+        }
+        if profile.is_some_and(|r| r.end == n + 1) {
+            drv(self.stream().synchronize())?;
+            profiler(false)?;
         }
         Ok(())
     }
