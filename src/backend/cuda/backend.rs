@@ -30,7 +30,7 @@ use half::bf16;
 use model_loader::{Checkpoint, ModelConfig};
 
 pub use super::devmat::DevMat;
-use cudarc::driver::PinnedHostSlice;
+use cudarc::driver::{CudaEvent, PinnedHostSlice};
 
 use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, KvCache};
 use super::lowering::host_attention;
@@ -129,6 +129,8 @@ pub struct CudaBackend {
     /// `[capacity]` pinned staging buffer of the packed step inputs, and its device twin.
     stage_h: PinnedHostSlice<i32>,
     stage_d: CudaSlice<i32>,
+    /// Recorded after each copy out of `stage_h`: waited on before it is rewritten.
+    staged: CudaEvent,
     /// Fused steps run since load (for `--profile-steps`).
     steps: u64,
 }
@@ -291,6 +293,7 @@ impl CudaBackend {
         }
         let dummy = drv(stream.alloc_zeros::<bf16>(8))?;
         drv(stream.synchronize())?;
+        let gpu_ctx = gpu.ctx().clone();
         Ok(Self {
             pool: PoolInfo {
                 num_blocks,
@@ -316,6 +319,7 @@ impl CudaBackend {
             arena,
             stage_h,
             stage_d,
+            staged: drv(gpu_ctx.new_event(None))?,
             steps: 0,
         })
     }
@@ -324,7 +328,13 @@ impl CudaBackend {
     /// included), allocations, memsets and copies. Take it before and after a step and
     /// subtract ([`StepCounters::since`]).
     pub fn counters(&self) -> StepCounters {
-        self.counters
+        // The split-KV workspace grows on demand (zero-filled): its allocations count too.
+        let ws = self.ws.allocations();
+        StepCounters {
+            allocations: self.counters.allocations + ws,
+            memsets: self.counters.memsets + ws,
+            ..self.counters
+        }
     }
 
     /// Host-to-device copies of attention-plan arrays since load (they still travel on
@@ -842,13 +852,15 @@ impl Backend for CudaBackend {
         // lowering packs its arrays there (they are uploaded below meanwhile).
         let need = packed_len(step, 0);
         self.ensure_stage(rows, need)?;
-        // Waits for the previous copy out of the staging buffer (long done: every step
-        // ends with a synchronising download).
+        // The previous step's copy out of the staging buffer must be done before it is
+        // overwritten (a step without logits ends without a synchronisation).
+        drv(self.staged.synchronize())?;
         let host = drv(self.stage_h.as_mut_slice())?;
         let pack = pack_step(step, &[], host)?;
         if pack.len > 0 {
             let src = &drv(self.stage_h.as_slice())?[..pack.len];
             drv(stream.memcpy_htod(src, &mut self.stage_d.slice_mut(0..pack.len)))?;
+            drv(self.staged.record(&stream))?;
             self.counters.h2d_copies += 1;
         }
 

@@ -181,6 +181,7 @@ pub fn decode_num_splits(max_view_len: usize, partition_size: usize) -> usize {
 pub struct DecodeWorkspace {
     part_o: Option<CudaSlice<f32>>,
     part_lse: Option<CudaSlice<f32>>,
+    allocations: u64,
 }
 
 impl DecodeWorkspace {
@@ -192,11 +193,18 @@ impl DecodeWorkspace {
     fn ensure(&mut self, stream: &Arc<CudaStream>, o_len: usize, lse_len: usize) -> Result<()> {
         if self.part_o.as_ref().is_none_or(|b| b.len() < o_len) {
             self.part_o = Some(stream.alloc_zeros::<f32>(o_len)?);
+            self.allocations += 1;
         }
         if self.part_lse.as_ref().is_none_or(|b| b.len() < lse_len) {
             self.part_lse = Some(stream.alloc_zeros::<f32>(lse_len)?);
+            self.allocations += 1;
         }
         Ok(())
+    }
+
+    /// Zero-filled allocations made since creation (each also a memset).
+    pub fn allocations(&self) -> u64 {
+        self.allocations
     }
 }
 
