@@ -100,6 +100,81 @@ __global__ void __launch_bounds__(256)
     }
 }
 
+// The fused step's q/k/v epilogue: one warp per (token, head) of a [tokens, hq + 2 hk, d]
+// q/k/v projection output. Bit-identical to spindle_bias_add, then spindle_rmsnorm over
+// each q and k head (n = d <= 256: a warp per row, the same lane striding and reduction),
+// then spindle_rope_neox, on separate q, k, v buffers.
+__global__ void __launch_bounds__(256)
+    qkv_prep_kernel(__nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k,
+                    __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ qkv,
+                    const __nv_bfloat16* __restrict__ bias, const __nv_bfloat16* __restrict__ q_norm,
+                    const __nv_bfloat16* __restrict__ k_norm, const int32_t* __restrict__ positions,
+                    int num_tokens, int hq, int hk, int d, float eps, float theta) {
+    const int lane = threadIdx.x & 31;
+    const int heads = hq + 2 * hk;
+    const int64_t item = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (item >= (int64_t)num_tokens * heads) return;
+    const int64_t tok = item / heads;
+    const int h = (int)(item % heads);
+    const __nv_bfloat16* src = qkv + tok * heads * d + (int64_t)h * d;
+    const __nv_bfloat16* b = bias ? bias + (int64_t)h * d : nullptr;
+    __nv_bfloat16* dst;
+    const __nv_bfloat16* nw;
+    bool rotate = true;
+    if (h < hq) {
+        dst = q + (tok * hq + h) * d;
+        nw = q_norm;
+    } else if (h < hq + hk) {
+        dst = k + (tok * hk + (h - hq)) * d;
+        nw = k_norm;
+    } else {
+        dst = v + (tok * hk + (h - hq - hk)) * d;
+        nw = nullptr;
+        rotate = false;
+    }
+    // bias_add: bf16(x + b), f32 add.
+    auto load = [&](int i) {
+        float x = __bfloat162float(src[i]);
+        if (b) x = __bfloat162float(__float2bfloat16(x + __bfloat162float(b[i])));
+        return x;
+    };
+    float rstd = 0.f;
+    if (nw) {
+        float ss = 0.f;
+        for (int i = lane; i < d; i += 32) {
+            const float z = load(i);
+            ss = fmaf(z, z, ss);
+        }
+        ss = warp_sum(ss);
+        rstd = rsqrtf(ss / (float)d + eps);
+    }
+    // rmsnorm (HF order): y = bf16(x * rstd), out = bf16(w * y).
+    auto normed = [&](int i) {
+        float x = load(i);
+        if (nw) {
+            const float y = __bfloat162float(__float2bfloat16(x * rstd));
+            x = __bfloat162float(__float2bfloat16(y * __bfloat162float(nw[i])));
+        }
+        return x;
+    };
+    if (!rotate) {
+        for (int i = lane; i < d; i += 32) dst[i] = __float2bfloat16(normed(i));
+        return;
+    }
+    const int half = d / 2;
+    const float pos = (float)positions[tok];
+    for (int i = lane; i < half; i += 32) {
+        const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)d);
+        const float ang = pos * inv_freq;
+        float sn, cs;
+        sincosf(ang, &sn, &cs);
+        const float x1 = normed(i);
+        const float x2 = normed(i + half);
+        dst[i] = __float2bfloat16(x1 * cs - x2 * sn);
+        dst[i + half] = __float2bfloat16(x2 * cs + x1 * sn);
+    }
+}
+
 __global__ void __launch_bounds__(256)
     silu_mul_kernel(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ gate,
                     const __nv_bfloat16* __restrict__ up, int rows, int n, int ld) {
@@ -216,5 +291,23 @@ extern "C" int spindle_bias_add(sp_bf16* x, const sp_bf16* bias, int32_t rows, i
     const int64_t total = (int64_t)rows * n;
     if (total == 0) return cudaSuccess;
     spindle::bias_add_kernel<<<spindle::grid_for(total), 256, 0, stream>>>(x, bias, rows, n);
+    return cudaGetLastError();
+}
+
+extern "C" int spindle_qkv_prep(sp_bf16* q, sp_bf16* k, sp_bf16* v, const sp_bf16* qkv,
+                                const sp_bf16* bias, const sp_bf16* q_norm,
+                                const sp_bf16* k_norm, const int32_t* positions,
+                                int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads,
+                                int32_t head_dim, float eps, float theta, sp_stream stream) {
+    if (num_tokens < 0 || num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
+        head_dim > 256 || head_dim % 2 != 0 || !(theta > 0.f) || (q_norm == nullptr) != (k_norm == nullptr))
+        return cudaErrorInvalidValue;
+    const int64_t items = (int64_t)num_tokens * (num_q_heads + 2 * num_kv_heads);
+    if (items == 0) return cudaSuccess;
+    const int64_t grid = (items + 7) / 8;
+    if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+    spindle::qkv_prep_kernel<<<(unsigned)grid, 256, 0, stream>>>(
+        q, k, v, qkv, bias, q_norm, k_norm, positions, num_tokens, num_q_heads, num_kv_heads,
+        head_dim, eps, theta);
     return cudaGetLastError();
 }

@@ -161,6 +161,23 @@ int spindle_rope_neox(
     int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     float theta, sp_stream stream);
 
+// The fused step's q/k/v epilogue: splits qkv = [num_tokens, hq + 2 hk, head_dim] (q_proj,
+// k_proj, v_proj outputs side by side) into q, k, v, adding bias (nullable, [hq + 2 hk,
+// head_dim]), RMS-normalising every q and k head (q_norm / k_norm [head_dim], both or
+// neither), then rotating q and k as spindle_rope_neox; bit-identical to those launches.
+// head_dim <= 256 and even.
+int spindle_qkv_prep(
+    sp_bf16* q,                    // [num_tokens, num_q_heads, head_dim]
+    sp_bf16* k,                    // [num_tokens, num_kv_heads, head_dim]
+    sp_bf16* v,                    // [num_tokens, num_kv_heads, head_dim]
+    const sp_bf16* qkv,            // [num_tokens, num_q_heads + 2 num_kv_heads, head_dim]
+    const sp_bf16* bias,           // [(num_q_heads + 2 num_kv_heads) head_dim] or NULL
+    const sp_bf16* q_norm,         // [head_dim] or NULL
+    const sp_bf16* k_norm,         // [head_dim] or NULL
+    const int32_t* positions,      // [num_tokens]
+    int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
+    float eps, float theta, sp_stream stream);
+
 // out = silu(gate) * up. gate/up rows have stride ld (merged gate_up: up = gate + n, ld = 2n).
 int spindle_silu_mul(
     sp_bf16* out,                  // [rows, n]

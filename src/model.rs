@@ -4,8 +4,19 @@ use crate::backend::{Backend, LayerWeight as L, StepInput, Weight};
 use crate::error::Result;
 
 /// Runs one fused step through every layer and leaves `[logit_rows, vocab]` logits in
-/// `logits` (replacing what it held; its allocation is reused where the backend can).
+/// `logits` (replacing what it held; its allocation is reused where the backend can):
+/// [`Backend::forward`], which is [`layer_loop`] unless the backend fuses the step itself.
 pub fn forward<B: Backend>(backend: &mut B, step: &StepInput, logits: &mut Vec<f32>) -> Result<()> {
+    backend.forward(step, logits)
+}
+
+/// The layer loop, one [`Backend`] operation at a time (the CPU backend's step, and the
+/// reference every fused step is checked against).
+pub fn layer_loop<B: Backend>(
+    backend: &mut B,
+    step: &StepInput,
+    logits: &mut Vec<f32>,
+) -> Result<()> {
     backend.begin_step(step)?;
     let (num_layers, qk_norm) = (backend.config().num_layers, backend.config().qk_norm);
     let mut x = backend.embed()?; // [rows, hidden]

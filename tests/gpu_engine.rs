@@ -446,3 +446,139 @@ fn kv_pool_sized_from_free_memory() {
         ));
     }
 }
+
+// ------------------------------------------------------------------ fused step
+
+/// Max |a - b| over two runs' logits of the same sequence.
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "same number of rows");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// The fused step (`StepProgram` in the arena, one staging copy) against the op-by-op
+/// layer loop on the same device: the same logits up to GEMM shape effects (q/k/v and
+/// gate/up are one GEMM each when fused), no allocation or memset after load, one input
+/// copy per step; the loop allocates, which shows the counters count.
+#[test]
+fn fused_step_matches_the_layer_loop_without_allocating() {
+    const T: &str = "fused_step_matches_the_layer_loop_without_allocating";
+    for name in FIXTURES {
+        let r = reference(name);
+        let case = r["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .find(|c| c["kind"] == "sequence")
+            .expect("a sequence case");
+        let tokens: Vec<u32> = serde_json::from_value(case["tokens"].clone()).expect("tokens");
+        let tree = TreeNode::sequence(tokens);
+        let ck = Checkpoint::open(&fixture(name)).expect("fixture opens");
+        let mut runs = Vec::new();
+        for fused in [true, false] {
+            let opts = CudaOptions {
+                block_size: 16,
+                pool: KvPoolSize::Blocks(blocks_for(&tree, 16)),
+                fused_step: fused,
+                ..Default::default()
+            };
+            let Some(b) = cuda_backend(T, &ck, &opts) else {
+                return;
+            };
+            let before = b.counters();
+            let mut e = Engine::new(b, EngineConfig::default());
+            let (out, stats) = replay_with_stats(&mut e, &tree).expect("replay");
+            let c = e.backend().counters().since(&before);
+            println!(
+                "{name} fused={fused}: {} steps, {} launches, {} allocations, {} memsets, {} H2D (+{} attention uploads in all), {} D2H",
+                stats.steps,
+                c.launches,
+                c.allocations,
+                c.memsets,
+                c.h2d_copies,
+                e.backend().attention_uploads(),
+                c.d2h_copies
+            );
+            if fused {
+                assert_eq!(c.allocations, 0, "{name}: fused steps allocate nothing");
+                assert_eq!(c.memsets, 0, "{name}: fused steps zero-fill nothing");
+                assert_eq!(c.h2d_copies, stats.steps, "{name}: one input copy a step");
+            } else {
+                assert!(
+                    c.allocations > 0,
+                    "{name}: the layer loop allocates (counted)"
+                );
+            }
+            runs.push(out.logits);
+        }
+        let d = max_abs_diff(&runs[0], &runs[1]);
+        println!("{name}: fused vs layer loop max |diff| = {d:.3e}");
+        assert!(d <= REF_MAX_ABS, "{name}: fused vs layer loop {d}");
+    }
+}
+
+/// Greedy sampling on the device (`CudaBackend::forward_greedy`: argmax kernel, token ids
+/// only come back) chooses what the CPU sampler's `argmax` chooses from the same step's
+/// logits, with one small download instead of the logits.
+#[test]
+fn device_greedy_matches_the_cpu_samplers_choice() {
+    use spindle::backend::{Backend, StepInput};
+    use spindle::kv::Chunk;
+    use spindle::plan::{AttentionPlan, PlanThread};
+    const T: &str = "device_greedy_matches_the_cpu_samplers_choice";
+    let ck = Checkpoint::open(&fixture("tiny-qwen3")).expect("fixture");
+    let vocab = ck.config().vocab_size;
+    let (threads, len, bs) = (4usize, 5usize, 16usize);
+    let opts = CudaOptions {
+        block_size: bs,
+        pool: KvPoolSize::Blocks(threads),
+        ..Default::default()
+    };
+    let Some(mut b) = cuda_backend(T, &ck, &opts) else {
+        return;
+    };
+    // `threads` independent prompts, thread t in block t, one prefill step.
+    let mut step = StepInput::default();
+    let mut plan_threads = Vec::new();
+    for t in 0..threads {
+        let mut rows = Vec::new();
+        for i in 0..len {
+            step.tokens.push(((t * 131 + i * 17 + 3) % vocab) as u32);
+            step.positions.push(i as u32);
+            step.slots.push((t * bs + i) as u32);
+            rows.push(((t * len + i) as u32, i as u32 + 1));
+        }
+        step.logit_rows.push((t * len + len - 1) as u32);
+        plan_threads.push(PlanThread {
+            chunks: vec![Chunk {
+                block: t as u32,
+                start: 0,
+                len: len as u32,
+            }],
+            rows,
+        });
+    }
+    step.plan = AttentionPlan::build(&plan_threads, AttentionMode::Forked, 0);
+    let mut logits = Vec::new();
+    b.forward(&step, &mut logits).expect("fused step");
+    let want: Vec<u32> = logits
+        .chunks_exact(vocab)
+        .map(spindle::generate::sampler::argmax)
+        .collect();
+    let before = b.counters();
+    let mut ids = Vec::new();
+    b.forward_greedy(&step, &mut ids).expect("greedy step");
+    let c = b.counters().since(&before);
+    println!(
+        "{T}: tokens {ids:?}, {} launches, {} allocations, {} H2D, {} D2H",
+        c.launches, c.allocations, c.h2d_copies, c.d2h_copies
+    );
+    assert_eq!(ids, want, "device argmax = CPU sampler's argmax");
+    assert_eq!(c.d2h_copies, 1, "only the token ids come back");
+    assert_eq!(c.allocations, 0);
+}

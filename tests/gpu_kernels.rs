@@ -1461,3 +1461,100 @@ fn linear_bf16_f32_accumulate() {
         "{test}: shape check"
     );
 }
+
+// ------------------------------------------------------------------ fused q/k/v epilogue
+
+/// `qkv_prep` (one launch) gives bit for bit what the unfused sequence gives: the q/k/v
+/// GEMM output split by heads, `bias_add`, `rmsnorm_inplace` per q and k head, `rope_neox`.
+#[test]
+fn qkv_prep_equals_bias_norm_rope_in_sequence() {
+    const T: &str = "qkv_prep_equals_bias_norm_rope_in_sequence";
+    let Some(g) = gpu(T) else {
+        return;
+    };
+    let s = g.stream().clone();
+    let mut rng = Rng::new(71);
+    for (t, hq, hk, d, bias, norm) in [
+        (5, 4, 2, 16, true, false),
+        (3, 8, 2, 64, false, true),
+        (7, 16, 8, 128, true, true),
+        (2, 4, 4, 256, false, false),
+    ] {
+        let (qd, kd) = (hq * d, hk * d);
+        let width = qd + 2 * kd;
+        let qkv = rng.bf16s(t * width, 2.0);
+        let b = rng.bf16s(width, 0.5);
+        let (qn, kn) = (rng.bf16s(d, 1.0), rng.bf16s(d, 1.0));
+        let pos: Vec<i32> = (0..t).map(|i| (i * 37 + 5) as i32).collect();
+        let (eps, theta) = (1e-6f32, 1e6f32);
+        // Reference: split on the host, then the unfused kernels.
+        let col = |lo: usize, w: usize| -> Vec<bf16> {
+            (0..t)
+                .flat_map(|r| qkv[r * width + lo..r * width + lo + w].to_vec())
+                .collect()
+        };
+        let (mut q_ref, mut k_ref, mut v_ref) = (
+            up(&s, &col(0, qd)),
+            up(&s, &col(qd, kd)),
+            up(&s, &col(qd + kd, kd)),
+        );
+        let pos_d = up(&s, &pos);
+        if bias {
+            kernels::bias_add(&s, &mut q_ref, &up(&s, &b[..qd])).expect("bias q");
+            kernels::bias_add(&s, &mut k_ref, &up(&s, &b[qd..qd + kd])).expect("bias k");
+            kernels::bias_add(&s, &mut v_ref, &up(&s, &b[qd + kd..])).expect("bias v");
+        }
+        let (qn_d, kn_d) = (up(&s, &qn), up(&s, &kn));
+        if norm {
+            kernels::rmsnorm_inplace(&s, &mut q_ref, &qn_d, eps).expect("q norm");
+            kernels::rmsnorm_inplace(&s, &mut k_ref, &kn_d, eps).expect("k norm");
+        }
+        kernels::rope_neox(&s, &mut q_ref, &mut k_ref, &pos_d, hq, hk, d, theta).expect("rope");
+        // Fused.
+        let (mut q, mut k, mut v) = (
+            up(&s, &vec![bf16::ZERO; t * qd]),
+            up(&s, &vec![bf16::ZERO; t * kd]),
+            up(&s, &vec![bf16::ZERO; t * kd]),
+        );
+        let b_d = up(&s, &b);
+        kernels::qkv_prep(
+            &s,
+            &mut q,
+            &mut k,
+            &mut v,
+            &up(&s, &qkv),
+            bias.then_some(&b_d as kernels::In<'_, bf16>),
+            norm.then_some((
+                &qn_d as kernels::In<'_, bf16>,
+                &kn_d as kernels::In<'_, bf16>,
+            )),
+            &pos_d,
+            kernels::QkvShape {
+                num_q_heads: hq,
+                num_kv_heads: hk,
+                head_dim: d,
+                eps,
+                theta,
+            },
+        )
+        .expect("qkv_prep");
+        let what = format!("t={t} hq={hq} hk={hk} d={d} bias={bias} norm={norm}");
+        let bits = |x: Vec<bf16>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(down(&s, &q)), bits(down(&s, &q_ref)), "q, {what}");
+        assert_eq!(bits(down(&s, &k)), bits(down(&s, &k_ref)), "k, {what}");
+        assert_eq!(bits(down(&s, &v)), bits(down(&s, &v_ref)), "v, {what}");
+        println!("{T}: {what}: q, k, v bit-identical");
+    }
+    // Shapes the kernel cannot take are typed errors before any launch.
+    let z = up(&s, &[bf16::ZERO; 8]);
+    let p = up(&s, &[0i32]);
+    let bad = kernels::QkvShape {
+        num_q_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 3,
+        eps: 1e-6,
+        theta: 1e4,
+    };
+    let (mut a, mut b2, mut c) = (z.clone(), z.clone(), z.clone());
+    assert!(kernels::qkv_prep(&s, &mut a, &mut b2, &mut c, &z, None, None, &p, bad).is_err());
+}

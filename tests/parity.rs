@@ -1,22 +1,54 @@
-//! Parity with Hugging Face `transformers`: every fixture case through the engine on the
-//! CPU backend, at several block sizes, in both attention modes and both shared-tail
-//! policies.
+//! Parity with Hugging Face `transformers`: every fixture case through the engine, at
+//! several block sizes, in both attention modes and both shared-tail policies. One test
+//! body per case kind, run against each backend ([`Target`]): the CPU backend always; the
+//! CUDA backend (with `--features cuda`) when a device exists, printing `SKIPPED` and why
+//! otherwise (failing instead with `SPINDLE_REQUIRE_GPU` set).
 
 mod common;
 
 use common::*;
+use model_loader::Checkpoint;
+use spindle::backend::Backend;
 use spindle::kv::SharedTail;
 use spindle::replay::tree_file::TreeNode;
 use spindle::replay::{blocks_for, replay_with_stats};
-use spindle::AttentionMode;
+use spindle::{AttentionMode, Engine, EngineConfig};
 
 /// A correct f32 forward reaches about 1.3e-5 against the float32 reference (summation
 /// order differs from PyTorch's); 1e-4 leaves room for that, the fixtures' README calls
 /// it a fair bound, and every bug planted in docs/testing.md lands far outside it.
 const TOL: f32 = 1e-4;
 
-#[test]
-fn sequences_match_reference_logits() {
+/// A backend the parity cases run on.
+struct Target<B> {
+    /// Its name in the test output.
+    name: &'static str,
+    /// Largest accepted |logit difference| against the reference.
+    tol: f32,
+    /// Loads it on a checkpoint with `blocks` blocks of `block_size` tokens; `Err(reason)`
+    /// when this machine cannot run it (the test is then skipped, loudly).
+    load: fn(&Checkpoint, usize, usize) -> Result<B, String>,
+}
+
+fn cpu() -> Target<spindle::CpuBackend> {
+    Target {
+        name: "cpu",
+        tol: TOL,
+        load: |ck, blocks, bs| Ok(spindle::CpuBackend::load(ck, blocks, bs).expect("backend")),
+    }
+}
+
+/// Reports a skipped target. With `SPINDLE_REQUIRE_GPU` set (the GPU run sets it) a missing
+/// device is a failure.
+fn skipped(test: &str, target: &str, reason: &str) {
+    assert!(
+        std::env::var_os("SPINDLE_REQUIRE_GPU").is_none(),
+        "{test}: SPINDLE_REQUIRE_GPU is set but {target} is unavailable: {reason}"
+    );
+    println!("SKIPPED: {test} on {target}: {reason}");
+}
+
+fn sequences_match<B: Backend>(test: &str, t: &Target<B>) {
     let mut sequences = 0;
     for name in FIXTURES {
         let r = reference(name);
@@ -26,14 +58,28 @@ fn sequences_match_reference_logits() {
             }
             let tokens: Vec<u32> = serde_json::from_value(case["tokens"].clone()).expect("tokens");
             let tree = TreeNode::sequence(tokens);
-            let mut e = engine(name, blocks_for(&tree, 16), 16, AttentionMode::Forked);
+            let ck = Checkpoint::open(&fixture(name)).expect("fixture");
+            let backend = match (t.load)(&ck, blocks_for(&tree, 16), 16) {
+                Ok(b) => b,
+                Err(reason) => return skipped(test, t.name, &reason),
+            };
+            let cfg = EngineConfig {
+                mode: AttentionMode::Forked,
+                ..Default::default()
+            };
+            let mut e = Engine::new(backend, cfg);
             let (out, stats) = replay_with_stats(&mut e, &tree).expect("replay");
             let d = max_diff(&out.logits, &case["logits"], name);
             println!(
-                "{name} {}: max |diff| = {d:.2e}, {} steps",
-                case["name"], stats.steps
+                "{} {name} {}: max |diff| = {d:.2e}, {} steps",
+                t.name, case["name"], stats.steps
             );
-            assert!(d <= TOL, "{name} {}: max |diff| {d}", case["name"]);
+            assert!(
+                d <= t.tol,
+                "{} {name} {}: max |diff| {d}",
+                t.name,
+                case["name"]
+            );
             assert!(e.pool().all_free(), "blocks leaked");
             sequences += 1;
         }
@@ -41,11 +87,11 @@ fn sequences_match_reference_logits() {
     assert_eq!(sequences, 3, "every fixture's sequence case ran (one each)");
 }
 
-#[test]
-fn trees_match_reference_logits_at_every_block_size_and_mode() {
+fn trees_match<B: Backend>(test: &str, t: &Target<B>) {
     let mut trees = Vec::new();
     for name in FIXTURES {
         let r = reference(name);
+        let ck = Checkpoint::open(&fixture(name)).expect("fixture");
         for case in r["cases"].as_array().expect("cases") {
             if case["kind"] != "tree" {
                 continue;
@@ -59,25 +105,26 @@ fn trees_match_reference_logits_at_every_block_size_and_mode() {
                 ] {
                     let vocab = r["cases"][0]["logits"][0].as_array().expect("row").len();
                     let tree = parse_tree(&case["tree"], vocab);
-                    let ck = model_loader::Checkpoint::open(&fixture(name)).expect("fixture");
-                    let backend =
-                        spindle::CpuBackend::load(&ck, blocks_for(&tree, block_size), block_size)
-                            .expect("backend");
-                    let cfg = spindle::EngineConfig {
+                    let backend = match (t.load)(&ck, blocks_for(&tree, block_size), block_size) {
+                        Ok(b) => b,
+                        Err(reason) => return skipped(test, t.name, &reason),
+                    };
+                    let cfg = EngineConfig {
                         mode,
                         shared_tail,
                         ..Default::default()
                     };
-                    let mut e = spindle::Engine::new(backend, cfg);
+                    let mut e = Engine::new(backend, cfg);
                     let (out, stats) = replay_with_stats(&mut e, &tree).expect("replay");
                     let d = tree_diff(&out, &case["tree"], &format!("{name}/{}", case["name"]));
                     println!(
-                        "{name} {} bs={block_size} {mode:?} {shared_tail:?}: max |diff| = {d:.2e}, steps {}, blocks peak {} (private {}), kv read {} (naive {})",
-                        case["name"], stats.steps, stats.blocks_peak, stats.blocks_without_sharing, stats.kv_tokens_read, stats.kv_tokens_read_naive
+                        "{} {name} {} bs={block_size} {mode:?} {shared_tail:?}: max |diff| = {d:.2e}, steps {}, blocks peak {} (private {}), kv read {} (naive {})",
+                        t.name, case["name"], stats.steps, stats.blocks_peak, stats.blocks_without_sharing, stats.kv_tokens_read, stats.kv_tokens_read_naive
                     );
                     assert!(
-                        d <= TOL,
-                        "{name} {} bs={block_size}: max |diff| {d}",
+                        d <= t.tol,
+                        "{} {name} {} bs={block_size}: max |diff| {d}",
+                        t.name,
                         case["name"]
                     );
                     assert!(e.pool().all_free(), "blocks leaked");
@@ -98,6 +145,54 @@ fn trees_match_reference_logits_at_every_block_size_and_mode() {
         ],
         "every fixture tree case ran"
     );
+}
+
+#[test]
+fn sequences_match_reference_logits() {
+    sequences_match("sequences_match_reference_logits", &cpu());
+}
+
+#[test]
+fn trees_match_reference_logits_at_every_block_size_and_mode() {
+    trees_match(
+        "trees_match_reference_logits_at_every_block_size_and_mode",
+        &cpu(),
+    );
+}
+
+/// The CUDA backend on the same cases. Its weights, activations and K/V are bf16, so the
+/// bound is `tests/gpu_engine.rs`'s `REF_MAX_ABS` (0.25; derivation there), which also
+/// checks top-1 agreement on these fixtures.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use spindle::backend::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
+
+    fn target() -> Target<CudaBackend> {
+        Target {
+            name: "cuda",
+            tol: 0.25,
+            load: |ck, blocks, block_size| {
+                spindle::backend::cuda::Gpu::probe().map_err(|e| e.to_string())?;
+                let opts = CudaOptions {
+                    block_size,
+                    pool: KvPoolSize::Blocks(blocks),
+                    ..Default::default()
+                };
+                Ok(CudaBackend::load(ck, &opts).expect("CUDA backend loads"))
+            },
+        }
+    }
+
+    #[test]
+    fn sequences_match_reference_logits_on_cuda() {
+        sequences_match("sequences_match_reference_logits_on_cuda", &target());
+    }
+
+    #[test]
+    fn trees_match_reference_logits_on_cuda() {
+        trees_match("trees_match_reference_logits_on_cuda", &target());
+    }
 }
 
 /// Writes `name` split over two shards with an index, in a scratch directory.

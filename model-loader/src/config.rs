@@ -62,6 +62,51 @@ impl Arch {
     }
 }
 
+/// What a tensor of the checkpoint is for (see [`ModelConfig::expected_tensor_table`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRole {
+    /// `[vocab, hidden]` token embeddings (also the output head when tied).
+    Embedding,
+    /// `[hidden]` final RMSNorm weight.
+    FinalNorm,
+    /// `[vocab, hidden]` output head (untied models only).
+    LmHead,
+    /// A tensor of decoder layer `.0`.
+    Layer(usize, LayerTensor),
+}
+
+/// A tensor inside one decoder layer: projection weights `[out, in]`, biases `[out]`,
+/// norm weights `[width]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerTensor {
+    InputNorm,
+    Q,
+    QBias,
+    K,
+    KBias,
+    V,
+    VBias,
+    O,
+    OBias,
+    QNorm,
+    KNorm,
+    PostNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+/// One tensor a config implies: its name in the checkpoint, its shape and its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    /// Hugging Face name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// Shape as stored (`[out, in]` for projections).
+    pub shape: Vec<usize>,
+    /// What it is for.
+    pub role: TensorRole,
+}
+
 /// The hyper-parameters of a decoder-only transformer, as read from `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
@@ -484,47 +529,80 @@ impl ModelConfig {
     /// each layer (input norm, q/k/v/o projections and biases, q/k norms, post-attention norm,
     /// gate/up/down), then the final norm, then `lm_head` unless embeddings are tied.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.expected_tensor_table()
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect()
+    }
+
+    /// [`ModelConfig::expected_tensors`] with each tensor's [`TensorRole`]: the one place
+    /// tensor names are spelled (the checkpoint's validation and both backends' weight
+    /// tables read it).
+    pub fn expected_tensor_table(&self) -> Vec<ExpectedTensor> {
+        let h = self.hidden_size;
+        let mut out = Vec::with_capacity(3 + self.num_layers.min(MAX_LAYERS) * 16);
+        out.push(ExpectedTensor {
+            name: "model.embed_tokens.weight".to_string(),
+            shape: vec![self.vocab_size, h],
+            role: TensorRole::Embedding,
+        });
+        for i in 0..self.num_layers.min(MAX_LAYERS) {
+            out.extend(self.expected_layer_tensors(i));
+        }
+        out.push(ExpectedTensor {
+            name: "model.norm.weight".to_string(),
+            shape: vec![h],
+            role: TensorRole::FinalNorm,
+        });
+        if !self.tie_word_embeddings {
+            out.push(ExpectedTensor {
+                name: "lm_head.weight".to_string(),
+                shape: vec![self.vocab_size, h],
+                role: TensorRole::LmHead,
+            });
+        }
+        out
+    }
+
+    /// The tensors of decoder layer `layer`, in the order of [`ModelConfig::expected_tensors`].
+    pub fn expected_layer_tensors(&self, layer: usize) -> Vec<ExpectedTensor> {
+        use LayerTensor as T;
         let h = self.hidden_size;
         let (q, kv, inter) = (self.q_dim(), self.kv_dim(), self.intermediate_size);
-        let mut out = Vec::with_capacity(3 + self.num_layers.min(MAX_LAYERS) * 16);
-        out.push((
-            "model.embed_tokens.weight".to_string(),
-            vec![self.vocab_size, h],
-        ));
-        for i in 0..self.num_layers.min(MAX_LAYERS) {
-            let p = format!("model.layers.{i}");
-            let mut push =
-                |suffix: &str, shape: Vec<usize>| out.push((format!("{p}.{suffix}"), shape));
-            push("input_layernorm.weight", vec![h]);
-            push("self_attn.q_proj.weight", vec![q, h]);
-            if self.qkv_bias() {
-                push("self_attn.q_proj.bias", vec![q]);
-            }
-            push("self_attn.k_proj.weight", vec![kv, h]);
-            if self.qkv_bias() {
-                push("self_attn.k_proj.bias", vec![kv]);
-            }
-            push("self_attn.v_proj.weight", vec![kv, h]);
-            if self.qkv_bias() {
-                push("self_attn.v_proj.bias", vec![kv]);
-            }
-            push("self_attn.o_proj.weight", vec![h, q]);
-            if self.o_bias() {
-                push("self_attn.o_proj.bias", vec![h]);
-            }
-            if self.qk_norm {
-                push("self_attn.q_norm.weight", vec![self.head_dim]);
-                push("self_attn.k_norm.weight", vec![self.head_dim]);
-            }
-            push("post_attention_layernorm.weight", vec![h]);
-            push("mlp.gate_proj.weight", vec![inter, h]);
-            push("mlp.up_proj.weight", vec![inter, h]);
-            push("mlp.down_proj.weight", vec![h, inter]);
+        let p = format!("model.layers.{layer}");
+        let mut out = Vec::with_capacity(16);
+        let mut push = |suffix: &str, shape: Vec<usize>, t: LayerTensor| {
+            out.push(ExpectedTensor {
+                name: format!("{p}.{suffix}"),
+                shape,
+                role: TensorRole::Layer(layer, t),
+            })
+        };
+        push("input_layernorm.weight", vec![h], T::InputNorm);
+        push("self_attn.q_proj.weight", vec![q, h], T::Q);
+        if self.qkv_bias() {
+            push("self_attn.q_proj.bias", vec![q], T::QBias);
         }
-        out.push(("model.norm.weight".to_string(), vec![h]));
-        if !self.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        push("self_attn.k_proj.weight", vec![kv, h], T::K);
+        if self.qkv_bias() {
+            push("self_attn.k_proj.bias", vec![kv], T::KBias);
         }
+        push("self_attn.v_proj.weight", vec![kv, h], T::V);
+        if self.qkv_bias() {
+            push("self_attn.v_proj.bias", vec![kv], T::VBias);
+        }
+        push("self_attn.o_proj.weight", vec![h, q], T::O);
+        if self.o_bias() {
+            push("self_attn.o_proj.bias", vec![h], T::OBias);
+        }
+        if self.qk_norm {
+            push("self_attn.q_norm.weight", vec![self.head_dim], T::QNorm);
+            push("self_attn.k_norm.weight", vec![self.head_dim], T::KNorm);
+        }
+        push("post_attention_layernorm.weight", vec![h], T::PostNorm);
+        push("mlp.gate_proj.weight", vec![inter, h], T::Gate);
+        push("mlp.up_proj.weight", vec![inter, h], T::Up);
+        push("mlp.down_proj.weight", vec![h, inter], T::Down);
         out
     }
 

@@ -22,7 +22,7 @@ pub mod tensor;
 pub mod writer;
 
 pub use checkpoint::{Checkpoint, GgufSource, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ExpectedTensor, LayerTensor, ModelConfig, TensorRole};
 pub use dequant::GgmlType;
 pub use dtype::DType;
 pub use error::LoadError;

@@ -3,10 +3,11 @@
 
 use super::cpu_attention::{self, AttnShape};
 use super::packed::PackedMatrix;
-use super::{Backend, LayerWeight, StepInput, Weight};
+use super::weights::{WeightLoader, WeightStore, Weights};
+use super::{Backend, StepInput, Weight};
 use crate::error::{Result, SpindleError};
 use crate::plan::AttentionPlan;
-use model_loader::{Checkpoint, DType, ModelConfig, TensorView};
+use model_loader::{Checkpoint, DType, ExpectedTensor, ModelConfig, TensorView};
 
 /// `[rows, cols]` row-major f32 activations.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,67 +17,51 @@ pub struct Mat {
     pub data: Vec<f32>,
 }
 
-/// A linear layer: `[out, in]` weights (packed) and an optional `[out]` bias.
-struct Linear {
-    w: PackedMatrix,
-    bias: Option<Vec<f32>>,
-    out: usize,
-    inp: usize,
+/// The CPU's weight storage: packed matrices (bf16 or f32), f32 vectors.
+pub struct CpuStore;
+
+impl WeightStore for CpuStore {
+    type Matrix = PackedMatrix;
+    type Vector = Vec<f32>;
 }
 
-struct Layer {
-    input_norm: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    post_norm: Vec<f32>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+/// Reads tensors straight from the checkpoint, packing matrices for the GEMM.
+struct CpuLoader<'a>(&'a Checkpoint);
+
+impl WeightLoader<CpuStore> for CpuLoader<'_> {
+    fn matrix(&mut self, e: &ExpectedTensor) -> Result<PackedMatrix> {
+        let t = self.0.tensor(&e.name)?;
+        let (n, k) = match t.shape {
+            [n, k] if t.shape == e.shape.as_slice() => (*n, *k),
+            other => {
+                return Err(SpindleError::Backend(format!(
+                    "{}: shape {other:?}, expected {:?}",
+                    e.name, e.shape
+                )))
+            }
+        };
+        let packed = pack(&t, n, k);
+        // Packed: the file's pages of this tensor are not needed any more.
+        self.0.release_pages(t.name);
+        Ok(packed)
+    }
+
+    fn vector(&mut self, e: &ExpectedTensor) -> Result<Vec<f32>> {
+        Ok(self.0.tensor(&e.name)?.to_f32())
+    }
 }
 
 /// f32 weights, f32 K/V cache and the current step's inputs.
 pub struct CpuBackend {
     cfg: ModelConfig,
-    embed: PackedMatrix, // [vocab, hidden]: token lookups, and the tied lm_head
-    layers: Vec<Layer>,
-    final_norm: Vec<f32>,
-    lm_head: Option<Linear>, // None: tied to `embed`
-    inv_freq: Vec<f32>,      // [head_dim / 2]
+    w: Weights<CpuStore>,
+    inv_freq: Vec<f32>, // [head_dim / 2]
     block_size: usize,
     num_blocks: usize,
     k_cache: Vec<Vec<f32>>, // per layer: [num_blocks * block_size, kv_heads * head_dim]
     v_cache: Vec<Vec<f32>>,
     step: StepInput,
     kv_tokens_read: u64,
-}
-
-fn load_vec(ck: &Checkpoint, name: &str) -> Result<Vec<f32>> {
-    Ok(ck.tensor(name)?.to_f32())
-}
-
-fn load_linear(ck: &Checkpoint, prefix: &str, bias: bool) -> Result<Linear> {
-    let t = ck.tensor(&format!("{prefix}.weight"))?;
-    let (out, inp) = match t.shape {
-        [o, i] => (*o, *i),
-        other => {
-            return Err(SpindleError::Backend(format!(
-                "{prefix}.weight: expected a matrix, got shape {other:?}"
-            )))
-        }
-    };
-    let bias = if bias {
-        Some(load_vec(ck, &format!("{prefix}.bias"))?)
-    } else {
-        None
-    };
-    let w = pack(&t, out, inp);
-    // Packed: the file's pages of this tensor are not needed any more.
-    ck.release_pages(t.name);
-    Ok(Linear { w, bias, out, inp })
 }
 
 /// A `[n, k]` weight packed for the GEMM: bf16 checkpoints stay bf16 (widened in the
@@ -90,58 +75,13 @@ fn pack(t: &TensorView<'_>, n: usize, k: usize) -> PackedMatrix {
     }
 }
 
-/// The `[vocab, hidden]` embedding table, packed like a linear weight.
-fn load_embedding(ck: &Checkpoint, vocab: usize, hidden: usize) -> Result<PackedMatrix> {
-    let name = "model.embed_tokens.weight";
-    let t = ck.tensor(name)?;
-    if t.shape != [vocab, hidden] {
-        return Err(SpindleError::Backend(format!(
-            "{name}: shape {:?}, expected [{vocab}, {hidden}]",
-            t.shape
-        )));
-    }
-    let packed = pack(&t, vocab, hidden);
-    ck.release_pages(name);
-    Ok(packed)
-}
-
 impl CpuBackend {
     /// Widens the checkpoint's weights to f32 and allocates a cache of `num_blocks` blocks.
     pub fn load(ck: &Checkpoint, num_blocks: usize, block_size: usize) -> Result<Self> {
         let cfg = ck.config().clone();
         let kv_width = cfg.num_kv_heads * cfg.head_dim;
         let cache_elems = pool_elems(num_blocks, block_size, kv_width)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let b = cfg.qkv_bias();
-            layers.push(Layer {
-                input_norm: load_vec(ck, &format!("{p}.input_layernorm.weight"))?,
-                q: load_linear(ck, &format!("{p}.self_attn.q_proj"), b)?,
-                k: load_linear(ck, &format!("{p}.self_attn.k_proj"), b)?,
-                v: load_linear(ck, &format!("{p}.self_attn.v_proj"), b)?,
-                o: load_linear(ck, &format!("{p}.self_attn.o_proj"), cfg.o_bias())?,
-                q_norm: if cfg.qk_norm {
-                    Some(load_vec(ck, &format!("{p}.self_attn.q_norm.weight"))?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(load_vec(ck, &format!("{p}.self_attn.k_norm.weight"))?)
-                } else {
-                    None
-                },
-                post_norm: load_vec(ck, &format!("{p}.post_attention_layernorm.weight"))?,
-                gate: load_linear(ck, &format!("{p}.mlp.gate_proj"), false)?,
-                up: load_linear(ck, &format!("{p}.mlp.up_proj"), false)?,
-                down: load_linear(ck, &format!("{p}.mlp.down_proj"), false)?,
-            });
-        }
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(load_linear(ck, "lm_head", false)?)
-        };
+        let w = Weights::load(&cfg, &mut CpuLoader(ck))?;
         let inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta);
         let mut k_cache = Vec::with_capacity(cfg.num_layers);
         let mut v_cache = Vec::with_capacity(cfg.num_layers);
@@ -150,10 +90,7 @@ impl CpuBackend {
             v_cache.push(zeroed(cache_elems)?);
         }
         Ok(Self {
-            embed: load_embedding(ck, cfg.vocab_size, cfg.hidden_size)?,
-            final_norm: load_vec(ck, "model.norm.weight")?,
-            layers,
-            lm_head,
+            w,
             inv_freq,
             block_size,
             num_blocks,
@@ -169,52 +106,6 @@ impl CpuBackend {
     /// ([`AttentionPlan::kv_tokens_read`]) of every step, once per layer.
     pub fn kv_tokens_read(&self) -> u64 {
         self.kv_tokens_read
-    }
-
-    fn linear_of(&self, w: Weight) -> Result<&Linear> {
-        match w {
-            Weight::LmHead => self
-                .lm_head
-                .as_ref()
-                .ok_or_else(|| SpindleError::Backend("lm_head is tied".into())),
-            Weight::Layer(i, lw) => {
-                let l = self
-                    .layers
-                    .get(i)
-                    .ok_or_else(|| SpindleError::Backend(format!("no layer {i}")))?;
-                Ok(match lw {
-                    LayerWeight::Q => &l.q,
-                    LayerWeight::K => &l.k,
-                    LayerWeight::V => &l.v,
-                    LayerWeight::O => &l.o,
-                    LayerWeight::Gate => &l.gate,
-                    LayerWeight::Up => &l.up,
-                    LayerWeight::Down => &l.down,
-                    other => {
-                        return Err(SpindleError::Backend(format!("{other:?} is not a matrix")))
-                    }
-                })
-            }
-            Weight::FinalNorm => Err(SpindleError::Backend("final norm is not a matrix".into())),
-        }
-    }
-
-    fn vector_of(&self, w: Weight) -> Result<&[f32]> {
-        let missing = || SpindleError::Backend(format!("{w:?} is not a vector of this model"));
-        match w {
-            Weight::FinalNorm => Ok(&self.final_norm),
-            Weight::Layer(i, lw) => {
-                let l = self.layers.get(i).ok_or_else(missing)?;
-                match lw {
-                    LayerWeight::InputNorm => Ok(&l.input_norm),
-                    LayerWeight::PostNorm => Ok(&l.post_norm),
-                    LayerWeight::QNorm => l.q_norm.as_deref().ok_or_else(missing),
-                    LayerWeight::KNorm => l.k_norm.as_deref().ok_or_else(missing),
-                    _ => Err(missing()),
-                }
-            }
-            Weight::LmHead => Err(missing()),
-        }
     }
 }
 
@@ -346,7 +237,7 @@ impl Backend for CpuBackend {
         let h = self.cfg.hidden_size;
         let mut data = vec![0.0f32; self.step.tokens.len() * h];
         for (&t, row) in self.step.tokens.iter().zip(data.chunks_exact_mut(h)) {
-            if !self.embed.row_into(t as usize, row) {
+            if !self.w.embed.row_into(t as usize, row) {
                 return Err(SpindleError::TokenOutOfVocab {
                     token: t,
                     vocab: self.cfg.vocab_size,
@@ -361,7 +252,7 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&mut self, x: &Mat, w: Weight) -> Result<Mat> {
-        let g = self.vector_of(w)?;
+        let g = self.w.vector(w)?;
         let mut out = vec![0.0; x.data.len()];
         rms_norm_rows(&x.data, g, self.cfg.rms_norm_eps, &mut out);
         Ok(Mat {
@@ -379,7 +270,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&mut self, x: &Mat, w: Weight) -> Result<Mat> {
-        let lin = self.linear_of(w)?;
+        let lin = self.w.linear(w)?;
         if x.cols != lin.inp {
             return Err(SpindleError::Backend(format!(
                 "{w:?}: input width {} but weight takes {}",
@@ -402,7 +293,7 @@ impl Backend for CpuBackend {
     }
 
     fn head_norm(&mut self, x: &mut Mat, w: Weight) -> Result<()> {
-        let g = self.vector_of(w)?.to_vec();
+        let g = self.w.vector(w)?.to_vec();
         let src = x.data.clone();
         rms_norm_rows(&src, &g, self.cfg.rms_norm_eps, &mut x.data);
         Ok(())
@@ -466,9 +357,9 @@ impl Backend for CpuBackend {
             sel.extend_from_slice(&x.data[r as usize * h..(r as usize + 1) * h]);
         }
         let m = self.step.logit_rows.len();
-        *out = match &self.lm_head {
+        *out = match &self.w.lm_head {
             Some(lin) => lin.w.matmul(&sel, m),
-            None => self.embed.matmul(&sel, m),
+            None => self.w.embed.matmul(&sel, m),
         };
         Ok(())
     }

@@ -10,7 +10,10 @@ pub mod cpu_attention;
 pub mod cuda;
 pub mod null;
 pub mod packed;
+pub mod profile;
 pub mod simd;
+pub mod step_program;
+pub mod weights;
 
 use crate::error::Result;
 use crate::kv::BlockCopy;
@@ -95,4 +98,15 @@ pub trait Backend {
     /// Host copy of `[logit_rows, vocab]` logits for the step's `logit_rows` of `x` (already
     /// normed), written over `out`.
     fn logits(&mut self, x: &Self::Act, out: &mut Vec<f32>) -> Result<()>;
+
+    /// One whole step: `[logit_rows, vocab]` logits into `logits`. The default runs the
+    /// layer loop of [`crate::model::layer_loop`] through the operations above; a backend
+    /// may run a fused program of its own instead (the CUDA backend does), with the same
+    /// results up to its rounding.
+    fn forward(&mut self, step: &StepInput, logits: &mut Vec<f32>) -> Result<()>
+    where
+        Self: Sized,
+    {
+        crate::model::layer_loop(self, step, logits)
+    }
 }

@@ -39,6 +39,10 @@ pub struct ReplayArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Engine steps A..B (0-based, B exclusive) bracketed by cudaProfilerStart/Stop, for
+    /// `nsys`/`ncu` with `--capture-range=cudaProfilerApi` (docs/profiling.md); CUDA only.
+    #[arg(long, value_parser = spindle::backend::profile::parse_steps)]
+    pub profile_steps: Option<std::ops::Range<u64>>,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -73,6 +77,7 @@ struct Job {
 
 /// Runs the command.
 pub fn run(args: &ReplayArgs) -> Result<()> {
+    spindle::backend::profile::set_profile_steps(args.profile_steps.clone());
     if args.block_size == 0 {
         return Err(SpindleError::InvalidSetting(
             "--block-size must be at least 1".into(),

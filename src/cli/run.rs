@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Engine steps A..B (0-based, B exclusive) bracketed by cudaProfilerStart/Stop, for
+    /// `nsys`/`ncu` with `--capture-range=cudaProfilerApi` (docs/profiling.md); CUDA only.
+    #[arg(long, value_parser = spindle::backend::profile::parse_steps)]
+    pub profile_steps: Option<std::ops::Range<u64>>,
 }
 
 /// Prints generation events as readable lines: each thread's text in chunks prefixed by
@@ -282,6 +286,7 @@ pub fn print_engine_stats(s: &EngineStats) {
 
 /// Runs `spindle run`.
 pub fn run(args: &RunArgs) -> Result<()> {
+    spindle::backend::profile::set_profile_steps(args.profile_steps.clone());
     let ck = Checkpoint::open(&args.model)?;
     let tok = Tokenizer::for_checkpoint(&ck)?;
     let protocol = TagProtocol::preset(&args.protocol, &tok)?;

@@ -30,12 +30,22 @@ use half::bf16;
 use model_loader::{Checkpoint, ModelConfig};
 
 pub use super::devmat::DevMat;
+use cudarc::driver::{CudaEvent, PinnedHostSlice};
+
 use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, KvCache};
 use super::lowering::host_attention;
 pub use super::pool::{CudaOptions, KvPoolSize, PoolInfo};
-use super::weights::{to_i32, upload, DLayer, DLinear, Loader};
+use super::profile::{profiler, range};
+use super::weights::{
+    upload, upload_head, upload_layer, DLayer, Device, HostBf16, LinearPart, Loader,
+};
 use super::{Blas, CudaError, Gpu};
-use crate::backend::{Backend, LayerWeight, StepInput, Weight};
+use crate::backend::profile::profile_steps;
+use crate::backend::step_program::{
+    pack_step, packed_len, ArenaLayout, Gemm, Op, PackLayout, StepCounters, StepProgram, StepShape,
+};
+use crate::backend::weights::Weights;
+use crate::backend::{Backend, StepInput, Weight};
 use crate::error::{Result, SpindleError};
 
 /// Maps a cudarc driver error into the crate's error type.
@@ -65,10 +75,8 @@ pub(super) enum AttnLaunch {
 /// lengths are kept alongside.
 pub(super) struct StepBufs {
     rows: usize,
-    tokens: CudaSlice<i32>,
-    positions: CudaSlice<i32>,
-    slots: CudaSlice<i32>,
-    logit_rows: CudaSlice<i32>,
+    /// Where tokens, positions, slots, logit rows and block pairs sit in `stage_d`.
+    pack: PackLayout,
     num_logit_rows: usize,
     /// CSR over rows (decode) or groups (prefill).
     chunk_indptr: CudaSlice<i32>,
@@ -81,16 +89,29 @@ pub(super) struct StepBufs {
     launch: AttnLaunch,
 }
 
+/// `[capacity]` pinned host staging buffer and its device twin (two allocations, counted).
+fn alloc_stage(
+    gpu: &Gpu,
+    capacity: usize,
+    c: &mut StepCounters,
+) -> Result<(PinnedHostSlice<i32>, CudaSlice<i32>)> {
+    c.allocations += 2;
+    // SAFETY: cudarc's pinned allocation (FFI edge) leaves the memory unset; only the
+    // elements `pack_step` has just written are ever copied.
+    let h = drv(unsafe { gpu.ctx().alloc_pinned::<i32>(capacity) })?;
+    // SAFETY: uninitialised device twin; only the range copied from `h` is read.
+    let d = drv(unsafe { gpu.stream().alloc::<i32>(capacity) })?;
+    Ok((h, d))
+}
+
 /// The GPU backend (see the module docs).
 pub struct CudaBackend {
     gpu: Gpu,
     blas: Blas,
     cfg: ModelConfig,
     opts: CudaOptions,
-    embed: CudaSlice<bf16>, // [vocab, hidden]
-    layers: Vec<DLayer>,
-    final_norm: CudaSlice<bf16>,
-    lm_head: Option<DLinear>, // None: tied to `embed`
+    /// The shared weight table, layers fused (see [`DLayer`]).
+    w: Weights<Device, DLayer>,
     pool: PoolInfo,
     k_cache: Vec<CudaSlice<bf16>>,
     v_cache: Vec<CudaSlice<bf16>>,
@@ -99,7 +120,86 @@ pub struct CudaBackend {
     dummy: CudaSlice<bf16>,
     step: Option<StepBufs>,
     kv_tokens_read: u64,
+    /// What the backend has done to the device since load (see [`CudaBackend::counters`]).
+    counters: StepCounters,
+    /// Host-to-device copies of the attention arrays, which still travel on their own.
+    attention_uploads: u64,
+    /// Activation buffers of the fused step, sized at load.
+    arena: Arena,
+    /// `[capacity]` pinned staging buffer of the packed step inputs, and its device twin.
+    stage_h: PinnedHostSlice<i32>,
+    stage_d: CudaSlice<i32>,
+    /// Recorded after each copy out of `stage_h`: waited on before it is rewritten.
+    staged: CudaEvent,
+    /// Fused steps run since load (for `--profile-steps`).
+    steps: u64,
 }
+
+/// The fused step's activation buffers ([`ArenaLayout`]), allocated once.
+struct Arena {
+    layout: ArenaLayout,
+    x: CudaSlice<bf16>,       // [rows, hidden] residual stream
+    h: CudaSlice<bf16>,       // [rows, hidden] normed
+    delta: CudaSlice<bf16>,   // [rows, hidden] o_proj / down_proj output
+    sel: CudaSlice<bf16>,     // [rows, hidden] gathered logit rows
+    qkv: CudaSlice<bf16>,     // [rows, q + 2 kv]
+    q: CudaSlice<bf16>,       // [rows, q]
+    attn: CudaSlice<bf16>,    // [rows, q]
+    k: CudaSlice<bf16>,       // [rows, kv]
+    v: CudaSlice<bf16>,       // [rows, kv]
+    gate_up: CudaSlice<bf16>, // [rows, 2 inter]
+    act: CudaSlice<bf16>,     // [rows, inter]
+    logits: CudaSlice<f32>,   // [logit_rows, vocab]
+    tokens: CudaSlice<i32>,   // [logit_rows] greedy tokens
+}
+
+impl Arena {
+    /// Allocates the buffers (uninitialised: every op writes before it reads), counting
+    /// allocations in `c`.
+    fn new(stream: &Arc<CudaStream>, layout: ArenaLayout, c: &mut StepCounters) -> Result<Self> {
+        let mut b = |n: usize| -> Result<CudaSlice<bf16>> {
+            c.allocations += 1;
+            // SAFETY: cudarc's uninitialised allocation (FFI edge); the fused step writes
+            // every element it later reads (each op's output range covers its readers').
+            drv(unsafe { stream.alloc::<bf16>(n) })
+        };
+        let arena = Self {
+            x: b(layout.hidden)?,
+            h: b(layout.hidden)?,
+            delta: b(layout.hidden)?,
+            sel: b(layout.hidden)?,
+            qkv: b(layout.qkv)?,
+            q: b(layout.q)?,
+            attn: b(layout.q)?,
+            k: b(layout.kv)?,
+            v: b(layout.kv)?,
+            gate_up: b(layout.gate_up)?,
+            act: b(layout.act)?,
+            logits: {
+                c.allocations += 1;
+                // SAFETY: as above; the lm_head GEMM writes every logit that is read.
+                drv(unsafe { stream.alloc::<f32>(layout.logits_f32) })?
+            },
+            tokens: {
+                c.allocations += 1;
+                // SAFETY: as above; argmax writes every token that is read.
+                drv(unsafe { stream.alloc::<i32>(layout.logit_rows.max(1)) })?
+            },
+            layout,
+        };
+        Ok(arena)
+    }
+}
+
+/// Staging elements for steps of up to `rows` rows: tokens, positions, slots and logit rows,
+/// 256 block copies, and a reserve for the attention plan's arrays.
+fn stage_capacity(rows: usize) -> usize {
+    4 * rows + 2 * 256 + ATTENTION_RESERVE_PER_ROW * rows + 1024
+}
+
+/// Staging elements reserved per row for the attention plan's arrays (the slot the new
+/// lowering packs into).
+const ATTENTION_RESERVE_PER_ROW: usize = 8;
 
 impl CudaBackend {
     /// Opens device `opts.device`, uploads the checkpoint's weights as bf16 and allocates
@@ -135,53 +235,25 @@ impl CudaBackend {
         let stream = gpu.stream().clone();
         let blas = Blas::new(stream.clone())?;
 
-        let mut ld = Loader {
-            ck,
-            stream: &stream,
-            bytes: 0,
-        };
-        let (hidden, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (q_dim, kv_dim) = (heads * hd, kvh * hd);
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let b = cfg.qkv_bias();
-            let qk_norm = |ld: &mut Loader<'_>, which: &str| -> Result<Option<CudaSlice<bf16>>> {
-                if cfg.qk_norm {
-                    Ok(Some(
-                        ld.tensor(&format!("{p}.self_attn.{which}.weight"), &[hd])?,
-                    ))
-                } else {
-                    Ok(None)
-                }
-            };
-            layers.push(DLayer {
-                input_norm: ld.tensor(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-                q: ld.linear(&format!("{p}.self_attn.q_proj"), q_dim, hidden, b)?,
-                k: ld.linear(&format!("{p}.self_attn.k_proj"), kv_dim, hidden, b)?,
-                v: ld.linear(&format!("{p}.self_attn.v_proj"), kv_dim, hidden, b)?,
-                o: ld.linear(
-                    &format!("{p}.self_attn.o_proj"),
-                    hidden,
-                    q_dim,
-                    cfg.o_bias(),
-                )?,
-                q_norm: qk_norm(&mut ld, "q_norm")?,
-                k_norm: qk_norm(&mut ld, "k_norm")?,
-                post_norm: ld.tensor(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
-                gate: ld.linear(&format!("{p}.mlp.gate_proj"), inter, hidden, false)?,
-                up: ld.linear(&format!("{p}.mlp.up_proj"), inter, hidden, false)?,
-                down: ld.linear(&format!("{p}.mlp.down_proj"), hidden, inter, false)?,
-            });
-        }
-        let embed = ld.tensor("model.embed_tokens.weight", &[vocab, hidden])?;
-        let final_norm = ld.tensor("model.norm.weight", &[hidden])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(ld.linear("lm_head", vocab, hidden, false)?)
+        // The shared weight table, read on the host as bf16; each layer is fused (q/k/v,
+        // gate/up) and uploaded as soon as it is read.
+        let mut ld = Loader { ck, bytes: 0 };
+        let host =
+            Weights::<HostBf16, DLayer>::load_with(&cfg, &mut ld, |_, l| upload_layer(&stream, l))?;
+        let w: Weights<Device, DLayer> = Weights {
+            embed: upload(&stream, &host.embed)?,
+            layers: host.layers,
+            final_norm: upload(&stream, &host.final_norm)?,
+            lm_head: host.lm_head.map(|l| upload_head(&stream, l)).transpose()?,
         };
         let weight_bytes = ld.bytes;
+        // The fused step's activations and staging, planned once (before the K/V pool takes
+        // its share of the free memory).
+        let mut counters = StepCounters::default();
+        let rows = opts.max_step_rows.max(1);
+        let layout = ArenaLayout::new(&cfg, rows, opts.max_logit_rows.clamp(1, rows));
+        let arena = Arena::new(&stream, layout, &mut counters)?;
+        let (stage_h, stage_d) = alloc_stage(&gpu, stage_capacity(rows), &mut counters)?;
         drv(stream.synchronize())?;
 
         // K/V pool.
@@ -221,6 +293,7 @@ impl CudaBackend {
         }
         let dummy = drv(stream.alloc_zeros::<bf16>(8))?;
         drv(stream.synchronize())?;
+        let gpu_ctx = gpu.ctx().clone();
         Ok(Self {
             pool: PoolInfo {
                 num_blocks,
@@ -234,17 +307,383 @@ impl CudaBackend {
             blas,
             cfg,
             opts: opts.clone(),
-            embed,
-            layers,
-            final_norm,
-            lm_head,
+            w,
             k_cache,
             v_cache,
             ws: DecodeWorkspace::new(),
             dummy,
             step: None,
             kv_tokens_read: 0,
+            counters,
+            attention_uploads: 0,
+            arena,
+            stage_h,
+            stage_d,
+            staged: drv(gpu_ctx.new_event(None))?,
+            steps: 0,
         })
+    }
+
+    /// What the backend has done to the device since load: kernel launches (GEMMs
+    /// included), allocations, memsets and copies. Take it before and after a step and
+    /// subtract ([`StepCounters::since`]).
+    pub fn counters(&self) -> StepCounters {
+        // The split-KV workspace grows on demand (zero-filled): its allocations count too.
+        let ws = self.ws.allocations();
+        StepCounters {
+            allocations: self.counters.allocations + ws,
+            memsets: self.counters.memsets + ws,
+            ..self.counters
+        }
+    }
+
+    /// Host-to-device copies of attention-plan arrays since load (they still travel on
+    /// their own, outside [`CudaBackend::counters`], until the attention lowering packs them
+    /// into the staging buffer's attention slot).
+    pub fn attention_uploads(&self) -> u64 {
+        self.attention_uploads
+    }
+
+    /// The shape of the step in progress, as its program needs it.
+    fn shape_of(&self, s: &StepBufs, copies: bool, greedy: bool) -> StepShape {
+        let attention_launches = match s.launch {
+            AttnLaunch::Decode { max_view }
+                if kern::decode_num_splits(max_view, self.opts.partition_size) > 1 =>
+            {
+                2
+            }
+            _ => 1,
+        };
+        StepShape {
+            rows: s.rows,
+            logit_rows: s.num_logit_rows,
+            copies,
+            attention_launches,
+            greedy,
+        }
+    }
+
+    /// The program the fused step runs for `step` (lowers its attention plan on the host;
+    /// nothing is launched).
+    pub fn step_program(&self, step: &StepInput) -> Result<StepProgram> {
+        let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let prefill_ok = self.opts.use_prefill_kernel && kern::prefill_rows_per_tile(gqa) > 0;
+        let h = host_attention(step, self.pool.num_blocks, self.pool.block_size, prefill_ok)?;
+        let attention_launches = match h.groups {
+            None if kern::decode_num_splits(h.max_view, self.opts.partition_size) > 1 => 2,
+            _ => 1,
+        };
+        Ok(StepProgram::build(
+            &self.cfg,
+            &StepShape {
+                rows: step.tokens.len(),
+                logit_rows: step.logit_rows.len(),
+                copies: !step.copies.is_empty(),
+                attention_launches,
+                greedy: false,
+            },
+        ))
+    }
+
+    /// One fused step that chooses the greedy token of every logit row on the device
+    /// (`argmax`, lowest index on ties, as the CPU sampler's) and brings back only those
+    /// ids, in logit-row order, over `tokens`.
+    pub fn forward_greedy(&mut self, step: &StepInput, tokens: &mut Vec<u32>) -> Result<()> {
+        let mut unused = Vec::new();
+        self.run_fused(step, &mut unused, tokens, true)
+    }
+
+    /// The fused step: [`StepProgram`] run in the arena.
+    fn run_fused(
+        &mut self,
+        step: &StepInput,
+        logits: &mut Vec<f32>,
+        tokens: &mut Vec<u32>,
+        greedy: bool,
+    ) -> Result<()> {
+        logits.clear();
+        tokens.clear();
+        // --profile-steps A..B: the profiler collects steps A to B - 1.
+        let n = self.steps;
+        self.steps += 1;
+        let profile = profile_steps();
+        if profile.as_ref().is_some_and(|r| r.start == n) {
+            profiler(true)?;
+        }
+        let _step = range("step");
+        self.ensure_capacity(step.tokens.len(), step.logit_rows.len())?;
+        {
+            let _r = range("begin_step");
+            self.begin_step(step)?;
+        }
+        let program = {
+            let s = self.step_bufs()?;
+            StepProgram::build(
+                &self.cfg,
+                &self.shape_of(s, !step.copies.is_empty(), greedy),
+            )
+        };
+        for &op in &program.ops {
+            let _r = range(op.name());
+            self.run_op(op, logits, tokens)?;
+        }
+        if profile.is_some_and(|r| r.end == n + 1) {
+            drv(self.stream().synchronize())?;
+            profiler(false)?;
+        }
+        Ok(())
+    }
+
+    /// One op of the fused step (see [`StepProgram`]), counted.
+    fn run_op(&mut self, op: Op, logits: &mut Vec<f32>, tokens: &mut Vec<u32>) -> Result<()> {
+        let s = self
+            .step
+            .as_ref()
+            .ok_or_else(|| backend_err("no step in progress"))?;
+        let cfg = &self.cfg;
+        let (rows, m) = (s.rows, s.num_logit_rows);
+        let (hidden, qd, kvd, inter, vocab) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
+        let eps = cfg.rms_norm_eps;
+        let stream = self.gpu.stream().clone();
+        let shape = CacheShape {
+            num_blocks: self.pool.num_blocks,
+            block_size: self.pool.block_size,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        let a = &mut self.arena;
+        let w = &self.w;
+        let stage = &self.stage_d;
+        let nh = rows * hidden;
+        let mut launches = 1;
+        match op {
+            // Done (and counted) by begin_step.
+            Op::UploadInputs | Op::CopyBlocks => launches = 0,
+            Op::Embed => kern::embedding::<bf16>(
+                &stream,
+                &mut a.x.slice_mut(0..nh),
+                &w.embed,
+                &stage.slice(s.pack.tokens.clone()),
+                hidden,
+            )?,
+            Op::Norm { layer } => kern::rmsnorm(
+                &stream,
+                &mut a.h.slice_mut(0..nh),
+                &a.x.slice(0..nh),
+                &w.layer(layer)?.input_norm,
+                eps,
+            )?,
+            Op::AddNorm {
+                layer,
+                post_attention,
+            } => {
+                let g = match w.layers.get(layer) {
+                    None => &w.final_norm,
+                    Some(l) if post_attention => &l.post_norm,
+                    Some(l) => &l.input_norm,
+                };
+                kern::fused_add_rmsnorm(
+                    &stream,
+                    &mut a.h.slice_mut(0..nh),
+                    &mut a.x.slice_mut(0..nh),
+                    &a.delta.slice(0..nh),
+                    g,
+                    eps,
+                )?
+            }
+            Op::Gemm { layer, gemm } => {
+                let (x, lw, out, n, k): (_, &CudaSlice<bf16>, _, usize, usize) = match gemm {
+                    Gemm::Qkv => (
+                        a.h.slice(0..nh),
+                        &w.layer(layer)?.qkv.w,
+                        a.qkv.slice_mut(0..rows * (qd + 2 * kvd)),
+                        qd + 2 * kvd,
+                        hidden,
+                    ),
+                    Gemm::O => (
+                        a.attn.slice(0..rows * qd),
+                        &w.layer(layer)?.o.w,
+                        a.delta.slice_mut(0..nh),
+                        hidden,
+                        qd,
+                    ),
+                    Gemm::GateUp => (
+                        a.h.slice(0..nh),
+                        &w.layer(layer)?.gate_up.w,
+                        a.gate_up.slice_mut(0..rows * 2 * inter),
+                        2 * inter,
+                        hidden,
+                    ),
+                    Gemm::Down => (
+                        a.act.slice(0..rows * inter),
+                        &w.layer(layer)?.down.w,
+                        a.delta.slice_mut(0..nh),
+                        hidden,
+                        inter,
+                    ),
+                    Gemm::LmHead => {
+                        let head = w.lm_head.as_ref().map_or(&w.embed, |l| &l.w);
+                        self.blas.linear::<f32>(
+                            &a.sel.slice(0..m * hidden),
+                            head,
+                            &mut a.logits.slice_mut(0..m * vocab),
+                            m,
+                            vocab,
+                            hidden,
+                            false,
+                        )?;
+                        self.counters.launches += 1;
+                        return Ok(());
+                    }
+                };
+                let mut out = out;
+                self.blas
+                    .linear::<bf16>(&x, lw, &mut out, rows, n, k, false)?;
+            }
+            Op::OBias { layer } => {
+                let b = w
+                    .layer(layer)?
+                    .o
+                    .bias
+                    .as_ref()
+                    .ok_or_else(|| backend_err(format!("layer {layer}: o_proj has no bias")))?;
+                kern::bias_add(&stream, &mut a.delta.slice_mut(0..nh), b)?
+            }
+            Op::QkvPrep { layer } => {
+                let l = w.layer(layer)?;
+                let norms = match (&l.q_norm, &l.k_norm) {
+                    (Some(qn), Some(kn)) => {
+                        Some((qn as kern::In<'_, bf16>, kn as kern::In<'_, bf16>))
+                    }
+                    _ => None,
+                };
+                kern::qkv_prep(
+                    &stream,
+                    &mut a.q.slice_mut(0..rows * qd),
+                    &mut a.k.slice_mut(0..rows * kvd),
+                    &mut a.v.slice_mut(0..rows * kvd),
+                    &a.qkv.slice(0..rows * (qd + 2 * kvd)),
+                    l.qkv.bias.as_ref().map(|b| b as kern::In<'_, bf16>),
+                    norms,
+                    &stage.slice(s.pack.positions.clone()),
+                    kern::QkvShape {
+                        num_q_heads: cfg.num_heads,
+                        num_kv_heads: cfg.num_kv_heads,
+                        head_dim: cfg.head_dim,
+                        eps,
+                        theta: cfg.rope_theta,
+                    },
+                )?
+            }
+            Op::KvWrite { layer } => {
+                self.k_cache
+                    .get(layer)
+                    .ok_or_else(|| backend_err(format!("no layer {layer}")))?;
+                kern::kv_write(
+                    &stream,
+                    &a.k.slice(0..rows * kvd),
+                    &a.v.slice(0..rows * kvd),
+                    &mut self.k_cache[layer],
+                    &mut self.v_cache[layer],
+                    &stage.slice(s.pack.slots.clone()),
+                    shape,
+                )?
+            }
+            Op::Attention { layer, .. } => {
+                let cache = KvCache {
+                    k: self
+                        .k_cache
+                        .get(layer)
+                        .ok_or_else(|| backend_err(format!("no layer {layer}")))?,
+                    v: &self.v_cache[layer],
+                    shape,
+                };
+                launches = attend(
+                    &stream,
+                    s,
+                    &cache,
+                    &a.q.slice(0..rows * qd),
+                    &mut a.attn.slice_mut(0..rows * qd),
+                    cfg.num_heads,
+                    cfg.head_dim,
+                    self.opts.partition_size,
+                    &mut self.ws,
+                )?;
+            }
+            Op::SiluMul { .. } => kern::silu_mul(
+                &stream,
+                &mut a.act.slice_mut(0..rows * inter),
+                &a.gate_up.slice(0..rows * 2 * inter),
+                inter,
+            )?,
+            Op::GatherLogitRows => kern::embedding::<bf16>(
+                &stream,
+                &mut a.sel.slice_mut(0..m * hidden),
+                &a.h.slice(0..nh),
+                &stage.slice(s.pack.logit_rows.clone()),
+                hidden,
+            )?,
+            Op::Argmax => kern::argmax(
+                &stream,
+                &mut a.tokens.slice_mut(0..m),
+                &a.logits.slice(0..m * vocab),
+            )?,
+            Op::DownloadTokens => {
+                launches = 0;
+                let mut ids = vec![0i32; m];
+                drv(stream.memcpy_dtoh(&a.tokens.slice(0..m), ids.as_mut_slice()))?;
+                drv(stream.synchronize())?;
+                self.counters.d2h_copies += 1;
+                tokens.extend(ids.iter().map(|&t| t as u32));
+            }
+            Op::Download => {
+                launches = 0;
+                logits.resize(m * vocab, 0.0);
+                drv(stream.memcpy_dtoh(&a.logits.slice(0..m * vocab), logits.as_mut_slice()))?;
+                drv(stream.synchronize())?;
+                self.counters.d2h_copies += 1;
+            }
+        }
+        self.counters.launches += launches;
+        Ok(())
+    }
+
+    /// A zero-filled `[rows, cols]` matrix for the op-level API (counted: one allocation
+    /// and one memset).
+    fn zeros(&mut self, rows: usize, cols: usize) -> Result<DevMat> {
+        self.counters.allocations += 1;
+        self.counters.memsets += 1;
+        DevMat::zeros(self.gpu.stream(), rows, cols)
+    }
+
+    /// Grows the arena for a step of `rows` rows and `logit_rows` logit rows (allocations,
+    /// counted; a step within the load-time size allocates nothing).
+    fn ensure_capacity(&mut self, rows: usize, logit_rows: usize) -> Result<()> {
+        let l = self.arena.layout;
+        if rows > l.rows || logit_rows > l.logit_rows {
+            let stream = self.stream().clone();
+            let layout =
+                ArenaLayout::new(&self.cfg, rows.max(l.rows), logit_rows.max(l.logit_rows));
+            self.arena = Arena::new(&stream, layout, &mut self.counters)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the staging buffers to hold `need` elements (counted allocations).
+    fn ensure_stage(&mut self, rows: usize, need: usize) -> Result<()> {
+        if need > self.stage_h.len() {
+            let cap = need.max(stage_capacity(rows));
+            let (h, d) = alloc_stage(&self.gpu, cap, &mut self.counters)?;
+            self.stage_h = h;
+            self.stage_d = d;
+        }
+        Ok(())
     }
 
     /// What the K/V pool was sized to.
@@ -289,28 +728,26 @@ impl CudaBackend {
             .ok_or_else(|| backend_err("no step in progress (begin_step not called)"))
     }
 
-    fn linear_of(&self, w: Weight) -> Result<&DLinear> {
+    fn linear_of(&self, w: Weight) -> Result<LinearPart<'_>> {
         match w {
-            Weight::LmHead => self
-                .lm_head
-                .as_ref()
-                .ok_or_else(|| backend_err("lm_head is tied")),
-            Weight::Layer(i, lw) => {
+            Weight::LmHead => {
                 let l = self
-                    .layers
-                    .get(i)
-                    .ok_or_else(|| backend_err(format!("no layer {i}")))?;
-                Ok(match lw {
-                    LayerWeight::Q => &l.q,
-                    LayerWeight::K => &l.k,
-                    LayerWeight::V => &l.v,
-                    LayerWeight::O => &l.o,
-                    LayerWeight::Gate => &l.gate,
-                    LayerWeight::Up => &l.up,
-                    LayerWeight::Down => &l.down,
-                    other => return Err(backend_err(format!("{other:?} is not a matrix"))),
+                    .w
+                    .lm_head
+                    .as_ref()
+                    .ok_or_else(|| backend_err("lm_head is tied"))?;
+                Ok(LinearPart {
+                    w: l.w.slice(..),
+                    bias: None,
+                    out: l.out,
+                    inp: l.inp,
                 })
             }
+            Weight::Layer(i, lw) => self
+                .w
+                .layer(i)?
+                .linear(lw)
+                .ok_or_else(|| backend_err(format!("{lw:?} is not a matrix"))),
             Weight::FinalNorm => Err(backend_err("final norm is not a matrix")),
         }
     }
@@ -318,23 +755,19 @@ impl CudaBackend {
     fn vector_of(&self, w: Weight) -> Result<&CudaSlice<bf16>> {
         let missing = || backend_err(format!("{w:?} is not a vector of this model"));
         match w {
-            Weight::FinalNorm => Ok(&self.final_norm),
-            Weight::Layer(i, lw) => {
-                let l = self.layers.get(i).ok_or_else(missing)?;
-                match lw {
-                    LayerWeight::InputNorm => Ok(&l.input_norm),
-                    LayerWeight::PostNorm => Ok(&l.post_norm),
-                    LayerWeight::QNorm => l.q_norm.as_ref().ok_or_else(missing),
-                    LayerWeight::KNorm => l.k_norm.as_ref().ok_or_else(missing),
-                    _ => Err(missing()),
-                }
-            }
+            Weight::FinalNorm => Ok(&self.w.final_norm),
+            Weight::Layer(i, lw) => self
+                .w
+                .layers
+                .get(i)
+                .and_then(|l| l.vector(lw))
+                .ok_or_else(missing),
             Weight::LmHead => Err(missing()),
         }
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
-        if layer < self.layers.len() {
+        if layer < self.w.layers.len() {
             Ok(())
         } else {
             Err(backend_err(format!("no layer {layer}")))
@@ -355,6 +788,16 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     type Act = DevMat;
+
+    /// The fused step: [`StepProgram`] run in the arena (no allocation, memset or copy
+    /// beyond the program's own), or the op-by-op layer loop when `fused_step` is off.
+    fn forward(&mut self, step: &StepInput, logits: &mut Vec<f32>) -> Result<()> {
+        if !self.opts.fused_step {
+            return crate::model::layer_loop(self, step, logits);
+        }
+        let mut unused = Vec::new();
+        self.run_fused(step, logits, &mut unused, false)
+    }
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -396,20 +839,36 @@ impl Backend for CudaBackend {
         if let Some(&r) = step.logit_rows.iter().find(|&&r| r as usize >= rows) {
             return Err(backend_err(format!("logit row {r} of a {rows}-row step")));
         }
+        if let Some(c) = step
+            .copies
+            .iter()
+            .find(|c| c.src as usize >= nb || c.dst as usize >= nb)
+        {
+            return Err(backend_err(format!("block copy {c:?} outside the pool")));
+        }
         let stream = self.stream().clone();
+
+        // Tokens, positions, slots, logit rows and block pairs: packed into the pinned
+        // staging buffer, one async copy. The attention slot stays empty until the attention
+        // lowering packs its arrays there (they are uploaded below meanwhile).
+        let need = packed_len(step, 0);
+        self.ensure_stage(rows, need)?;
+        // The previous step's copy out of the staging buffer must be done before it is
+        // overwritten (a step without logits ends without a synchronisation).
+        drv(self.staged.synchronize())?;
+        let host = drv(self.stage_h.as_mut_slice())?;
+        let pack = pack_step(step, &[], host)?;
+        if pack.len > 0 {
+            let src = &drv(self.stage_h.as_slice())?[..pack.len];
+            drv(stream.memcpy_htod(src, &mut self.stage_d.slice_mut(0..pack.len)))?;
+            drv(self.staged.record(&stream))?;
+            self.counters.h2d_copies += 1;
+        }
 
         // Copy-on-write block copies, every layer in one launch.
         if !step.copies.is_empty() {
-            let mut pairs = Vec::with_capacity(2 * step.copies.len());
-            for c in &step.copies {
-                if c.src as usize >= nb || c.dst as usize >= nb {
-                    return Err(backend_err(format!("block copy {c:?} outside the pool")));
-                }
-                pairs.push(to_i32("block", c.src)?);
-                pairs.push(to_i32("block", c.dst)?);
-            }
-            let pairs_d = upload(&stream, &pairs)?;
             let shape = self.cache_shape();
+            let pairs = self.stage_d.slice(pack.copies.clone());
             let mut ks: Vec<&mut dyn DevicePtrMut<bf16>> = self
                 .k_cache
                 .iter_mut()
@@ -420,18 +879,17 @@ impl Backend for CudaBackend {
                 .iter_mut()
                 .map(|c| c as &mut dyn DevicePtrMut<bf16>)
                 .collect();
-            kern::copy_blocks(&stream, &mut ks, &mut vs, &pairs_d, shape)?;
+            kern::copy_blocks(&stream, &mut ks, &mut vs, &pairs, shape)?;
+            self.counters.launches += 1;
         }
 
         let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
         let prefill_ok = self.opts.use_prefill_kernel && kern::prefill_rows_per_tile(gqa) > 0;
         let h = host_attention(step, nb, bs, prefill_ok)?;
-        let as_i32 = |what: &str, v: &[u32]| -> Result<Vec<i32>> {
-            v.iter().map(|&x| to_i32(what, x)).collect()
-        };
         let launch = match &h.groups {
             Some(q_indptr) => {
                 let plan = kern::prefill_plan(q_indptr, gqa)?;
+                self.attention_uploads += 3;
                 AttnLaunch::Prefill {
                     num_tiles: plan.tile_group.len(),
                     num_groups: q_indptr.len() - 1,
@@ -445,12 +903,10 @@ impl Backend for CudaBackend {
             },
         };
         self.kv_tokens_read += step.plan.kv_tokens_read * self.cfg.num_layers as u64;
+        self.attention_uploads += 5;
         self.step = Some(StepBufs {
             rows,
-            tokens: upload(&stream, &as_i32("token", &step.tokens)?)?,
-            positions: upload(&stream, &as_i32("position", &step.positions)?)?,
-            slots: upload(&stream, &as_i32("slot", &step.slots)?)?,
-            logit_rows: upload(&stream, &as_i32("logit row", &step.logit_rows)?)?,
+            pack,
             num_logit_rows: step.logit_rows.len(),
             num_entries: h.indptr.len() - 1,
             chunk_indptr: upload(&stream, &h.indptr)?,
@@ -465,18 +921,19 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&mut self) -> Result<DevMat> {
-        let s = self.step_bufs()?;
+        let rows = self.step_bufs()?.rows;
         let hidden = self.cfg.hidden_size;
-        let stream = self.stream();
-        let mut out = DevMat::zeros(stream, s.rows, hidden)?;
+        let mut out = self.zeros(rows, hidden)?;
+        let s = self.step_bufs()?;
         if s.rows > 0 {
             kern::embedding::<bf16>(
-                stream,
+                self.gpu.stream(),
                 &mut out.view_mut(),
-                &self.embed,
-                &s.tokens.slice(0..s.rows),
+                &self.w.embed,
+                &self.stage_d.slice(s.pack.tokens.clone()),
                 hidden,
             )?;
+            self.counters.launches += 1;
         }
         Ok(out)
     }
@@ -490,16 +947,17 @@ impl Backend for CudaBackend {
                 g.len()
             )));
         }
-        let stream = self.stream();
-        let mut out = DevMat::zeros(stream, x.rows, x.cols)?;
+        let mut out = self.zeros(x.rows, x.cols)?;
+        let g = self.vector_of(w)?;
         if x.rows > 0 {
             kern::rmsnorm(
-                stream,
+                self.gpu.stream(),
                 &mut out.view_mut(),
                 &x.view(),
                 g,
                 self.cfg.rms_norm_eps,
             )?;
+            self.counters.launches += 1;
         }
         Ok(out)
     }
@@ -516,6 +974,7 @@ impl Backend for CudaBackend {
         }
         // x += y as a one-row bias add over the flattened matrices (f32 add, one rounding).
         kern::bias_add(self.gpu.stream(), &mut x.view_mut(), &y.view())?;
+        self.counters.launches += 1;
         Ok(())
     }
 
@@ -527,8 +986,11 @@ impl Backend for CudaBackend {
                 x.cols, lin.inp
             )));
         }
+        let out_cols = lin.out;
+        let mut out = self.zeros(x.rows, out_cols)?;
+        let lin = self.linear_of(w)?;
         let stream = self.gpu.stream();
-        let mut out = DevMat::zeros(stream, x.rows, lin.out)?;
+        let mut launches = 0;
         if x.rows > 0 {
             self.blas.linear::<bf16>(
                 &x.view(),
@@ -539,10 +1001,13 @@ impl Backend for CudaBackend {
                 lin.inp,
                 false,
             )?;
+            launches += 1;
             if let Some(b) = &lin.bias {
                 kern::bias_add(stream, &mut out.view_mut(), b)?;
+                launches += 1;
             }
         }
+        self.counters.launches += launches;
         Ok(out)
     }
 
@@ -567,6 +1032,7 @@ impl Backend for CudaBackend {
             g,
             self.cfg.rms_norm_eps,
         )?;
+        self.counters.launches += 1;
         Ok(())
     }
 
@@ -589,12 +1055,13 @@ impl Backend for CudaBackend {
             self.gpu.stream(),
             &mut x.view_mut(),
             &mut self.dummy.slice_mut(0..0),
-            &s.positions.slice(0..rows),
+            &self.stage_d.slice(s.pack.positions.clone()),
             heads,
             0,
             hd,
             self.cfg.rope_theta,
         )?;
+        self.counters.launches += 1;
         Ok(())
     }
 
@@ -614,9 +1081,10 @@ impl Backend for CudaBackend {
             &v.view(),
             &mut self.k_cache[layer],
             &mut self.v_cache[layer],
-            &s.slots.slice(0..rows),
+            &self.stage_d.slice(s.pack.slots.clone()),
             shape,
         )?;
+        self.counters.launches += 1;
         Ok(())
     }
 
@@ -625,7 +1093,7 @@ impl Backend for CudaBackend {
         let (heads, hd) = (self.cfg.num_heads, self.cfg.head_dim);
         let rows = self.check_rows("attention q", q, heads * hd)?;
         let stream = self.gpu.stream().clone();
-        let mut out = DevMat::zeros(&stream, rows, heads * hd)?;
+        let mut out = self.zeros(rows, heads * hd)?;
         if rows == 0 {
             return Ok(out);
         }
@@ -636,55 +1104,18 @@ impl Backend for CudaBackend {
             v: &self.v_cache[layer],
             shape,
         };
-        let nc = s.num_chunks;
-        let (ib, cb, cs, cl) = (
-            s.chunk_indptr.slice(0..s.num_entries + 1),
-            s.chunk_block.slice(0..nc),
-            s.chunk_start.slice(0..nc),
-            s.chunk_len.slice(0..nc),
-        );
-        let chunks = Chunks {
-            indptr: &ib,
-            block: &cb,
-            start: &cs,
-            len: &cl,
-        };
-        let row_limit = s.row_limit.slice(0..rows);
-        let scale = 1.0 / (hd as f32).sqrt();
-        match &s.launch {
-            AttnLaunch::Decode { max_view } => kern::paged_decode(
-                &stream,
-                &q.view(),
-                &cache,
-                &chunks,
-                &row_limit,
-                &mut out.view_mut(),
-                heads,
-                scale,
-                *max_view,
-                self.opts.partition_size,
-                &mut self.ws,
-            )?,
-            AttnLaunch::Prefill {
-                q_indptr,
-                tile_group,
-                tile_row,
-                num_tiles,
-                num_groups,
-            } => kern::prefill_attention(
-                &stream,
-                &q.view(),
-                &cache,
-                &q_indptr.slice(0..num_groups + 1),
-                &chunks,
-                &row_limit,
-                &tile_group.slice(0..*num_tiles),
-                &tile_row.slice(0..*num_tiles),
-                &mut out.view_mut(),
-                heads,
-                scale,
-            )?,
-        }
+        let n = attend(
+            &stream,
+            s,
+            &cache,
+            &q.view(),
+            &mut out.view_mut(),
+            heads,
+            hd,
+            self.opts.partition_size,
+            &mut self.ws,
+        )?;
+        self.counters.launches += n;
         Ok(out)
     }
 
@@ -695,16 +1126,16 @@ impl Backend for CudaBackend {
                 gate.rows, gate.cols, up.rows, up.cols
             )));
         }
-        let stream = self.gpu.stream();
-        let mut out = DevMat::zeros(stream, gate.rows, gate.cols)?;
+        let mut out = self.zeros(gate.rows, gate.cols)?;
         if gate.rows > 0 {
             kern::silu_mul_split(
-                stream,
+                self.gpu.stream(),
                 &mut out.view_mut(),
                 &gate.view(),
                 &up.view(),
                 gate.cols,
             )?;
+            self.counters.launches += 1;
         }
         Ok(out)
     }
@@ -719,24 +1150,105 @@ impl Backend for CudaBackend {
         if m == 0 || rows == 0 {
             return Ok(());
         }
+        let logit_rows = s.pack.logit_rows.clone();
         let stream = self.gpu.stream().clone();
         // Gather the wanted rows: the embedding kernel with x as the table.
-        let mut sel = DevMat::zeros(&stream, m, hidden)?;
+        let mut sel = self.zeros(m, hidden)?;
         kern::embedding::<bf16>(
             &stream,
             &mut sel.view_mut(),
             &x.view(),
-            &s.logit_rows.slice(0..m),
+            &self.stage_d.slice(logit_rows),
             hidden,
         )?;
-        let w = match &self.lm_head {
+        let w = match &self.w.lm_head {
             Some(l) => &l.w,
-            None => &self.embed,
+            None => &self.w.embed,
         };
         let mut out = drv(stream.alloc_zeros::<f32>(m * vocab))?;
+        self.counters.allocations += 1;
+        self.counters.memsets += 1;
         self.blas
             .linear::<f32>(&sel.view(), w, &mut out, m, vocab, hidden, false)?;
+        self.counters.launches += 2;
         *host = drv(stream.clone_dtoh(&out))?;
+        self.counters.d2h_copies += 1;
         Ok(())
     }
+}
+
+/// Attention of `q` over one layer's cache per the step's lowered plan (the decode or the
+/// prefill kernel); returns the launches made (split-KV decode merges partials in a second).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    stream: &Arc<CudaStream>,
+    s: &StepBufs,
+    cache: &KvCache<'_>,
+    q: kern::In<'_, bf16>,    // [rows, heads * head_dim]
+    out: kern::Out<'_, bf16>, // [rows, heads * head_dim]
+    heads: usize,
+    hd: usize,
+    partition_size: usize,
+    ws: &mut DecodeWorkspace,
+) -> Result<u64> {
+    let nc = s.num_chunks;
+    let (ib, cb, cs, cl) = (
+        s.chunk_indptr.slice(0..s.num_entries + 1),
+        s.chunk_block.slice(0..nc),
+        s.chunk_start.slice(0..nc),
+        s.chunk_len.slice(0..nc),
+    );
+    let chunks = Chunks {
+        indptr: &ib,
+        block: &cb,
+        start: &cs,
+        len: &cl,
+    };
+    let row_limit = s.row_limit.slice(0..s.rows);
+    let scale = 1.0 / (hd as f32).sqrt();
+    Ok(match &s.launch {
+        AttnLaunch::Decode { max_view } => {
+            kern::paged_decode(
+                stream,
+                q,
+                cache,
+                &chunks,
+                &row_limit,
+                out,
+                heads,
+                scale,
+                *max_view,
+                partition_size,
+                ws,
+            )?;
+            // Split-KV decode merges its partials in a second launch.
+            if kern::decode_num_splits(*max_view, partition_size) > 1 {
+                2
+            } else {
+                1
+            }
+        }
+        AttnLaunch::Prefill {
+            q_indptr,
+            tile_group,
+            tile_row,
+            num_tiles,
+            num_groups,
+        } => {
+            kern::prefill_attention(
+                stream,
+                q,
+                cache,
+                &q_indptr.slice(0..num_groups + 1),
+                &chunks,
+                &row_limit,
+                &tile_group.slice(0..*num_tiles),
+                &tile_row.slice(0..*num_tiles),
+                out,
+                heads,
+                scale,
+            )?;
+            1
+        }
+    })
 }

@@ -1,6 +1,7 @@
 //! Device selection: probes for the CUDA driver library before touching cudarc (whose
 //! `CudaContext::new` panics when libcuda is absent; docs/gpu.md, section 4), then owns the
-//! context and the one stream every kernel and cuBLAS call of the backend is issued on.
+//! context and the one stream every kernel and cuBLAS call of the backend is issued on
+//! (cudarc's event tracking is off: the stream alone orders the work).
 
 use std::sync::Arc;
 
@@ -40,6 +41,13 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| CudaError::NoDevice(format!("cuCtx init failed: {e:?}")))?;
+        // One stream orders everything, so cudarc's per-buffer event tracking (an event
+        // recorded on every allocation and waited on at every access once a second stream
+        // exists) is pure host overhead: off before any buffer is created.
+        // SAFETY: cudarc's contract for turning tracking off: every buffer of this context is
+        // used on `stream` only (kernels, cuBLAS and copies are all issued on it), so no
+        // buffer is freed or read while another stream still uses it.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         Ok(Self { ctx, stream })
     }

@@ -181,6 +181,7 @@ pub fn decode_num_splits(max_view_len: usize, partition_size: usize) -> usize {
 pub struct DecodeWorkspace {
     part_o: Option<CudaSlice<f32>>,
     part_lse: Option<CudaSlice<f32>>,
+    allocations: u64,
 }
 
 impl DecodeWorkspace {
@@ -192,11 +193,18 @@ impl DecodeWorkspace {
     fn ensure(&mut self, stream: &Arc<CudaStream>, o_len: usize, lse_len: usize) -> Result<()> {
         if self.part_o.as_ref().is_none_or(|b| b.len() < o_len) {
             self.part_o = Some(stream.alloc_zeros::<f32>(o_len)?);
+            self.allocations += 1;
         }
         if self.part_lse.as_ref().is_none_or(|b| b.len() < lse_len) {
             self.part_lse = Some(stream.alloc_zeros::<f32>(lse_len)?);
+            self.allocations += 1;
         }
         Ok(())
+    }
+
+    /// Zero-filled allocations made since creation (each also a memset).
+    pub fn allocations(&self) -> u64 {
+        self.allocations
     }
 }
 
@@ -753,6 +761,99 @@ pub fn rope_neox(
             i32_of(K, "num_kv_heads", num_kv_heads)?,
             i32_of(K, "head_dim", head_dim)?,
             theta,
+            cu(stream),
+        )
+    };
+    CudaError::check(K, code)
+}
+
+/// Shape of [`qkv_prep`]: heads and the RMSNorm / RoPE constants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QkvShape {
+    pub num_q_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+    pub theta: f32,
+}
+
+/// The fused step's q/k/v epilogue (one launch): splits the `[tokens, (hq + 2 hk) * d]`
+/// output of the concatenated q/k/v GEMM into `q`, `k`, `v`, adding `bias`, applying the
+/// per-head `norms` (q_norm, k_norm) and NeoX RoPE at `positions` to q and k; the same
+/// numbers as [`bias_add`], [`rmsnorm_inplace`] and [`rope_neox`] in sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_prep(
+    stream: &Arc<CudaStream>,
+    q: Out<'_, bf16>,                            // [tokens, hq * d]
+    k: Out<'_, bf16>,                            // [tokens, hk * d]
+    v: Out<'_, bf16>,                            // [tokens, hk * d]
+    qkv: In<'_, bf16>,                           // [tokens, (hq + 2 hk) * d]
+    bias: Option<In<'_, bf16>>,                  // [(hq + 2 hk) * d]
+    norms: Option<(In<'_, bf16>, In<'_, bf16>)>, // [d] each
+    positions: In<'_, i32>,                      // [tokens]
+    shape: QkvShape,
+) -> Result<()> {
+    const K: &str = "spindle_qkv_prep";
+    let (hq, hk, d) = (shape.num_q_heads, shape.num_kv_heads, shape.head_dim);
+    if hq == 0 || hk == 0 || d == 0 || d > 256 || !d.is_multiple_of(2) {
+        return Err(CudaError::shape(
+            K,
+            format!("{hq} q heads, {hk} kv heads of {d} (head_dim even, at most 256)"),
+        ));
+    }
+    let t = positions.len();
+    let width = (hq + 2 * hk) * d;
+    expect_len(K, "qkv", qkv.len(), t * width)?;
+    expect_len(K, "q", q.len(), t * hq * d)?;
+    expect_len(K, "k", k.len(), t * hk * d)?;
+    expect_len(K, "v", v.len(), t * hk * d)?;
+    i32_of(K, "qkv elements", qkv.len())?;
+    if let Some(b) = bias {
+        expect_len(K, "bias", b.len(), width)?;
+    }
+    if let Some((qn, kn)) = norms {
+        expect_len(K, "q_norm", qn.len(), d)?;
+        expect_len(K, "k_norm", kn.len(), d)?;
+    }
+    bind(stream)?;
+    let (xp, _g0) = rd!(qkv, stream, ffi::sp_bf16);
+    let (pp, _g1) = rd!(positions, stream, i32);
+    let (bp, _g2) = match bias {
+        Some(b) => {
+            let (p, g) = rd!(b, stream, ffi::sp_bf16);
+            (p, Some(g))
+        }
+        None => (std::ptr::null(), None),
+    };
+    let (qnp, knp, _g3, _g4) = match norms {
+        Some((qn, kn)) => {
+            let (a, ga) = rd!(qn, stream, ffi::sp_bf16);
+            let (b, gb) = rd!(kn, stream, ffi::sp_bf16);
+            (a, b, Some(ga), Some(gb))
+        }
+        None => (std::ptr::null(), std::ptr::null(), None, None),
+    };
+    let (qp, _g5) = wr!(q, stream, ffi::sp_bf16);
+    let (kp, _g6) = wr!(k, stream, ffi::sp_bf16);
+    let (vp, _g7) = wr!(v, stream, ffi::sp_bf16);
+    // SAFETY: every length checked against tokens x heads x head_dim above; bias and norms
+    // are null or checked; guards held until the call returns.
+    let code = unsafe {
+        ffi::spindle_qkv_prep(
+            qp,
+            kp,
+            vp,
+            xp,
+            bp,
+            qnp,
+            knp,
+            pp,
+            i32_of(K, "num_tokens", t)?,
+            i32_of(K, "num_q_heads", hq)?,
+            i32_of(K, "num_kv_heads", hk)?,
+            i32_of(K, "head_dim", d)?,
+            shape.eps,
+            shape.theta,
             cu(stream),
         )
     };

@@ -14,6 +14,7 @@ pub mod gemm;
 pub mod kernels;
 mod lowering;
 pub mod pool;
+pub mod profile;
 mod weights;
 
 pub use device::Gpu;

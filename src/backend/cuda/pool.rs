@@ -24,6 +24,14 @@ pub struct CudaOptions {
     /// Run groups of consecutive rows sharing a chunk list (prefill chunks) through the
     /// prefill kernel; `false`: the decode kernel for every row.
     pub use_prefill_kernel: bool,
+    /// Rows (tokens) of the largest step the activation arena is sized for at load; a
+    /// larger step grows it (counted allocations). The engine's default step budget.
+    pub max_step_rows: usize,
+    /// Rows whose logits one step may want, for the arena's f32 logits buffer.
+    pub max_logit_rows: usize,
+    /// Run whole steps as the fused program (`StepProgram`); `false`: the op-by-op layer
+    /// loop (every op allocates its output), for debugging.
+    pub fused_step: bool,
 }
 
 impl Default for CudaOptions {
@@ -34,6 +42,9 @@ impl Default for CudaOptions {
             pool: KvPoolSize::FreeFraction(0.9),
             partition_size: 512,
             use_prefill_kernel: true,
+            max_step_rows: 4096,
+            max_logit_rows: 256,
+            fused_step: true,
         }
     }
 }

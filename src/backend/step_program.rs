@@ -1,0 +1,450 @@
+//! The fused step as a host-side list of operations ([`StepProgram`]): what the CUDA
+//! backend launches for one step, built without a device so that its launch, allocation,
+//! memset and copy counts can be checked on any machine (`tests/step_counters.rs`).
+//!
+//! The CUDA executor (`backend/cuda/backend.rs`, `CudaBackend::forward`) walks the same
+//! list, one arm per [`Op`], and counts what it really does in [`StepCounters`]; on a GPU
+//! `tests/gpu_engine.rs` checks the two agree. [`ArenaLayout`] is the activation memory the
+//! program runs in, sized once at load for the largest step.
+
+use model_loader::ModelConfig;
+
+/// What one step does to the device, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCounters {
+    /// Kernel launches, cuBLAS GEMMs included (one call, one launch).
+    pub launches: u64,
+    /// Device allocations.
+    pub allocations: u64,
+    /// Device memsets (zero fills).
+    pub memsets: u64,
+    /// Host-to-device copies.
+    pub h2d_copies: u64,
+    /// Device-to-host copies.
+    pub d2h_copies: u64,
+}
+
+impl StepCounters {
+    /// `self - before`, field by field (counters only grow).
+    pub fn since(&self, before: &StepCounters) -> StepCounters {
+        StepCounters {
+            launches: self.launches - before.launches,
+            allocations: self.allocations - before.allocations,
+            memsets: self.memsets - before.memsets,
+            h2d_copies: self.h2d_copies - before.h2d_copies,
+            d2h_copies: self.d2h_copies - before.d2h_copies,
+        }
+    }
+}
+
+/// A GEMM of the fused step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gemm {
+    /// `[rows, q + 2 kv]` from the concatenated q/k/v weights.
+    Qkv,
+    /// `[rows, hidden]` attention output projection.
+    O,
+    /// `[rows, 2 inter]` from the concatenated gate/up weights.
+    GateUp,
+    /// `[rows, hidden]`.
+    Down,
+    /// `[logit_rows, vocab]` f32 logits of the gathered rows.
+    LmHead,
+}
+
+/// One operation of the fused step, in launch order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// The step's inputs (tokens, positions, slots, logit rows, block copies) in one copy
+    /// from the pinned staging buffer.
+    UploadInputs,
+    /// Copy-on-write block copies, every layer in one launch (only when the step has some).
+    CopyBlocks,
+    /// `x = embed[tokens]`.
+    Embed,
+    /// `h = rmsnorm(x)` with layer 0's input norm.
+    Norm { layer: usize },
+    /// `x += delta; h = rmsnorm(x)` (the residual add fused into the next norm): layer
+    /// `layer`'s input or post-attention norm, or the final norm for `layer == num_layers`.
+    AddNorm { layer: usize, post_attention: bool },
+    /// A GEMM of `layer`.
+    Gemm { layer: usize, gemm: Gemm },
+    /// The o_proj bias (models with `o_bias`), a launch of its own.
+    OBias { layer: usize },
+    /// Split the q/k/v GEMM's output into q, k, v with bias, q/k head norm and RoPE, one
+    /// launch.
+    QkvPrep { layer: usize },
+    /// Write the step's K and V rows into `layer`'s cache slots.
+    KvWrite { layer: usize },
+    /// Attention of `layer` (`launches`: 2 for split-KV decode, which merges partials).
+    Attention { layer: usize, launches: u64 },
+    /// `act = silu(gate) * up` over the merged gate/up output.
+    SiluMul { layer: usize },
+    /// Gather the rows whose logits are wanted.
+    GatherLogitRows,
+    /// Greedy token of every logit row on the device (lowest index on ties, as the CPU
+    /// sampler's `argmax`).
+    Argmax,
+    /// Copy the logits of the logit rows back to the host.
+    Download,
+    /// Copy the greedy token ids (only) back to the host.
+    DownloadTokens,
+}
+
+impl Op {
+    /// The layer an op belongs to (`None` for the step's head and tail).
+    pub fn layer(&self) -> Option<usize> {
+        match *self {
+            Op::Norm { layer }
+            | Op::Gemm { layer, .. }
+            | Op::QkvPrep { layer }
+            | Op::OBias { layer }
+            | Op::KvWrite { layer }
+            | Op::Attention { layer, .. }
+            | Op::SiluMul { layer } => Some(layer),
+            Op::AddNorm { layer, .. } => Some(layer),
+            _ => None,
+        }
+    }
+
+    /// Its NVTX range name (the kernel family).
+    pub fn name(&self) -> &'static str {
+        match *self {
+            Op::UploadInputs => "upload_inputs",
+            Op::CopyBlocks => "copy_blocks",
+            Op::Embed => "embed",
+            Op::Norm { .. } | Op::AddNorm { .. } => "rmsnorm",
+            Op::Gemm { gemm, .. } => match gemm {
+                Gemm::Qkv => "gemm.qkv",
+                Gemm::O => "gemm.o",
+                Gemm::GateUp => "gemm.gate_up",
+                Gemm::Down => "gemm.down",
+                Gemm::LmHead => "gemm.lm_head",
+            },
+            Op::OBias { .. } => "bias_add",
+            Op::QkvPrep { .. } => "qkv_prep",
+            Op::KvWrite { .. } => "kv_write",
+            Op::Attention { .. } => "attention",
+            Op::SiluMul { .. } => "silu_mul",
+            Op::GatherLogitRows => "gather_logit_rows",
+            Op::Argmax => "argmax",
+            Op::Download | Op::DownloadTokens => "download",
+        }
+    }
+
+    /// What the op costs on the device.
+    pub fn counters(&self) -> StepCounters {
+        let mut c = StepCounters::default();
+        match *self {
+            Op::UploadInputs => c.h2d_copies = 1,
+            Op::Download | Op::DownloadTokens => c.d2h_copies = 1,
+            Op::Attention { launches, .. } => c.launches = launches,
+            _ => c.launches = 1,
+        }
+        c
+    }
+}
+
+/// The shape of one step, as far as the program depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepShape {
+    /// Rows (tokens) of the step.
+    pub rows: usize,
+    /// Rows whose output is wanted.
+    pub logit_rows: usize,
+    /// Whether the step has copy-on-write block copies.
+    pub copies: bool,
+    /// Launches of one layer's attention (1, or 2 for split-KV decode).
+    pub attention_launches: u64,
+    /// Greedy tokens chosen on the device; only token ids come back.
+    pub greedy: bool,
+}
+
+/// The fused step's operations, in launch order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepProgram {
+    /// Every op of the step.
+    pub ops: Vec<Op>,
+    /// Layers of the model.
+    pub num_layers: usize,
+}
+
+impl StepProgram {
+    /// The program of a step of `shape` on a model of `cfg`'s shape.
+    pub fn build(cfg: &ModelConfig, shape: &StepShape) -> Self {
+        let n = cfg.num_layers;
+        let mut ops = Vec::with_capacity(4 + 11 * n + 5);
+        ops.push(Op::UploadInputs);
+        if shape.rows == 0 {
+            return Self { ops, num_layers: n };
+        }
+        if shape.copies {
+            ops.push(Op::CopyBlocks);
+        }
+        ops.push(Op::Embed);
+        for layer in 0..n {
+            ops.push(if layer == 0 {
+                Op::Norm { layer }
+            } else {
+                // x += the previous layer's down projection; h = input_norm(x).
+                Op::AddNorm {
+                    layer,
+                    post_attention: false,
+                }
+            });
+            ops.extend([
+                Op::Gemm {
+                    layer,
+                    gemm: Gemm::Qkv,
+                },
+                Op::QkvPrep { layer },
+                Op::KvWrite { layer },
+                Op::Attention {
+                    layer,
+                    launches: shape.attention_launches,
+                },
+                Op::Gemm {
+                    layer,
+                    gemm: Gemm::O,
+                },
+            ]);
+            if cfg.o_bias() {
+                ops.push(Op::OBias { layer });
+            }
+            ops.extend([
+                Op::AddNorm {
+                    layer,
+                    post_attention: true,
+                },
+                Op::Gemm {
+                    layer,
+                    gemm: Gemm::GateUp,
+                },
+                Op::SiluMul { layer },
+                Op::Gemm {
+                    layer,
+                    gemm: Gemm::Down,
+                },
+            ]);
+        }
+        if shape.logit_rows > 0 {
+            // x += the last down projection; h = final_norm(x).
+            ops.push(Op::AddNorm {
+                layer: n,
+                post_attention: false,
+            });
+            ops.push(Op::GatherLogitRows);
+            ops.push(Op::Gemm {
+                layer: n,
+                gemm: Gemm::LmHead,
+            });
+            if shape.greedy {
+                ops.extend([Op::Argmax, Op::DownloadTokens]);
+            } else {
+                ops.push(Op::Download);
+            }
+        }
+        Self { ops, num_layers: n }
+    }
+
+    /// What the whole step costs.
+    pub fn counters(&self) -> StepCounters {
+        self.ops.iter().fold(StepCounters::default(), |mut a, op| {
+            let c = op.counters();
+            a.launches += c.launches;
+            a.allocations += c.allocations;
+            a.memsets += c.memsets;
+            a.h2d_copies += c.h2d_copies;
+            a.d2h_copies += c.d2h_copies;
+            a
+        })
+    }
+
+    /// Launches of each decoder layer (`[num_layers]`).
+    pub fn launches_per_layer(&self) -> Vec<u64> {
+        let mut v = vec![0; self.num_layers];
+        for op in &self.ops {
+            if let Some(l) = op.layer().filter(|&l| l < self.num_layers) {
+                v[l] += op.counters().launches;
+            }
+        }
+        v
+    }
+}
+
+/// The activation buffers the fused step runs in, for steps of up to `rows` rows and
+/// `logit_rows` logit rows: element counts, bf16 unless noted. Allocated once at load; a step with
+/// more rows grows them (counted as allocations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArenaLayout {
+    /// Rows the arena holds.
+    pub rows: usize,
+    /// Logit rows the arena holds.
+    pub logit_rows: usize,
+    /// `[rows, hidden]`: the residual stream `x`, the normed `h`, the residual's delta
+    /// (o_proj / down_proj output) and the gathered logit rows: four of these.
+    pub hidden: usize,
+    /// `[rows, q + 2 kv]` fused projection output.
+    pub qkv: usize,
+    /// `[rows, q]` rotated queries, and again the attention output.
+    pub q: usize,
+    /// `[rows, kv]` rotated keys, and again the values.
+    pub kv: usize,
+    /// `[rows, 2 inter]` merged gate/up output.
+    pub gate_up: usize,
+    /// `[rows, inter]` silu(gate) * up.
+    pub act: usize,
+    /// `[logit_rows, vocab]` f32 logits.
+    pub logits_f32: usize,
+}
+
+impl ArenaLayout {
+    /// The buffers for steps of up to `rows` rows and `logit_rows` logit rows (at least one
+    /// element each).
+    pub fn new(cfg: &ModelConfig, rows: usize, logit_rows: usize) -> Self {
+        let n = |width: usize| (rows * width).max(1);
+        Self {
+            rows,
+            logit_rows,
+            hidden: n(cfg.hidden_size),
+            qkv: n(cfg.q_dim() + 2 * cfg.kv_dim()),
+            q: n(cfg.q_dim()),
+            kv: n(cfg.kv_dim()),
+            gate_up: n(2 * cfg.intermediate_size),
+            act: n(cfg.intermediate_size),
+            logits_f32: (logit_rows * cfg.vocab_size).max(1),
+        }
+    }
+
+    /// Bytes of device memory the buffers take.
+    pub fn bytes(&self) -> usize {
+        2 * (4 * self.hidden + self.qkv + 2 * self.q + 2 * self.kv + self.gate_up + self.act)
+            + 4 * self.logits_f32
+    }
+}
+
+/// Where each input of a step sits in the packed `i32` staging buffer (one host-to-device
+/// copy per step; see [`pack_step`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackLayout {
+    /// `[rows]` token ids.
+    pub tokens: std::ops::Range<usize>,
+    /// `[rows]` positions.
+    pub positions: std::ops::Range<usize>,
+    /// `[rows]` cache slots.
+    pub slots: std::ops::Range<usize>,
+    /// `[logit_rows]` rows whose logits are wanted.
+    pub logit_rows: std::ops::Range<usize>,
+    /// `[2 * copies]` (src, dst) block pairs of the copy-on-write copies.
+    pub copies: std::ops::Range<usize>,
+    /// The attention plan's arrays, laid out by the attention lowering (reserved: the
+    /// lowering being rewritten fills it through [`pack_step`]'s `attention` argument; today
+    /// the attention arrays still travel on their own).
+    pub attention: std::ops::Range<usize>,
+    /// Elements used.
+    pub len: usize,
+}
+
+/// Elements the packed inputs of `step` take, with `attention_len` attention elements.
+pub fn packed_len(step: &super::StepInput, attention_len: usize) -> usize {
+    3 * step.tokens.len() + step.logit_rows.len() + 2 * step.copies.len() + attention_len
+}
+
+/// Packs `step`'s tokens, positions, slots, logit rows and block copies, then `attention`
+/// (already lowered), into `out`; `Err` when a value does not fit an `i32` or `out` is too
+/// small (the caller sizes it with [`packed_len`]).
+pub fn pack_step(
+    step: &super::StepInput,
+    attention: &[i32],
+    out: &mut [i32],
+) -> crate::error::Result<PackLayout> {
+    use crate::error::SpindleError;
+    let need = packed_len(step, attention.len());
+    if out.len() < need {
+        return Err(SpindleError::Backend(format!(
+            "step inputs need {need} staging elements, {} available",
+            out.len()
+        )));
+    }
+    let mut at = 0usize;
+    let mut put = |what: &str, vals: &mut dyn Iterator<Item = u32>| {
+        let start = at;
+        for v in vals {
+            out[at] = i32::try_from(v)
+                .map_err(|_| SpindleError::Backend(format!("{what} {v} exceeds i32")))?;
+            at += 1;
+        }
+        Ok::<_, SpindleError>(start..at)
+    };
+    let tokens = put("token", &mut step.tokens.iter().copied())?;
+    let positions = put("position", &mut step.positions.iter().copied())?;
+    let slots = put("slot", &mut step.slots.iter().copied())?;
+    let logit_rows = put("logit row", &mut step.logit_rows.iter().copied())?;
+    let copies = put(
+        "block",
+        &mut step.copies.iter().flat_map(|c| [c.src, c.dst]),
+    )?;
+    let start = at;
+    out[at..at + attention.len()].copy_from_slice(attention);
+    at += attention.len();
+    Ok(PackLayout {
+        tokens,
+        positions,
+        slots,
+        logit_rows,
+        copies,
+        attention: start..at,
+        len: at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model_loader::{preset_config, Arch, Preset};
+
+    #[test]
+    fn packed_inputs_land_where_the_layout_says() {
+        use crate::kv::BlockCopy;
+        let step = crate::backend::StepInput {
+            tokens: vec![5, 6, 7],
+            positions: vec![10, 11, 12],
+            slots: vec![20, 21, 22],
+            logit_rows: vec![2],
+            copies: vec![BlockCopy { src: 3, dst: 4 }],
+            ..Default::default()
+        };
+        let mut buf = vec![-1; 16];
+        let l = pack_step(&step, &[99, 98], &mut buf).expect("fits");
+        assert_eq!(l.len, packed_len(&step, 2));
+        assert_eq!(&buf[l.tokens.clone()], &[5, 6, 7]);
+        assert_eq!(&buf[l.positions.clone()], &[10, 11, 12]);
+        assert_eq!(&buf[l.slots.clone()], &[20, 21, 22]);
+        assert_eq!(&buf[l.logit_rows.clone()], &[2]);
+        assert_eq!(&buf[l.copies.clone()], &[3, 4]);
+        assert_eq!(&buf[l.attention.clone()], &[99, 98]);
+        assert_eq!(buf[l.len], -1, "nothing written past the layout");
+        let mut small = vec![0; l.len - 1];
+        assert!(pack_step(&step, &[99, 98], &mut small).is_err());
+        let big = crate::backend::StepInput {
+            tokens: vec![u32::MAX],
+            positions: vec![0],
+            slots: vec![0],
+            ..Default::default()
+        };
+        assert!(pack_step(&big, &[], &mut buf).is_err(), "token beyond i32");
+    }
+
+    #[test]
+    fn empty_step_only_uploads() {
+        let cfg = preset_config(Arch::Qwen3, Preset::Tiny);
+        let shape = StepShape {
+            rows: 0,
+            logit_rows: 0,
+            copies: false,
+            attention_launches: 1,
+            greedy: false,
+        };
+        assert_eq!(StepProgram::build(&cfg, &shape).ops, vec![Op::UploadInputs]);
+    }
+}
