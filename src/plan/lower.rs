@@ -44,6 +44,10 @@ use thiserror::Error;
 
 /// int32 fields of one work unit in [`LoweredPlan::units`].
 pub const UNIT_WIDTH: usize = 8;
+/// Tokens per K/V tile of the v2 kernel (`SPINDLE_FORKED_TILE_TOKENS`).
+pub const TILE_TOKENS: usize = 64;
+/// Stacked query vectors (rows x q-heads per kv-head) per v2 CTA (`SPINDLE_FORKED_CTA_ROWS`).
+pub const CTA_ROWS: usize = 64;
 /// Field: view index of the unit's first token.
 pub const U_VIEW_BEGIN: usize = 0;
 /// Field: one past the view index of its last token.
@@ -107,8 +111,8 @@ impl LowerConfig {
         block_size: usize,
     ) -> Self {
         Self {
-            tile_tokens: 64,
-            cta_rows: 64,
+            tile_tokens: TILE_TOKENS,
+            cta_rows: CTA_ROWS,
             gqa: num_heads / num_kv_heads.max(1),
             num_kv_heads,
             num_sms: 132,
