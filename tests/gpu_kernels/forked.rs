@@ -167,25 +167,26 @@ fn run_forked(
     let rows = plan.num_rows;
     // Poisoned output: every element must be written (directly or by the merge).
     let mut out_d = up(st, &vec![bf16::from_f32(f32::NAN); (rows * hq * d).max(1)]);
-    let mut out_v = out_d.slice_mut(0..rows * hq * d);
-    let cache = KvCache {
-        k: &k_d,
-        v: &v_d,
-        shape: case.shape,
-    };
-    let mut ws = DecodeWorkspace::new();
-    kernels::forked_attention(
-        st,
-        &q_d.slice(0..rows * hq * d),
-        &cache,
-        &fp,
-        &mut out_v,
-        hq,
-        1.0 / (d as f32).sqrt(),
-        &mut ws,
-    )
-    .expect("forked_attention");
-    drop(out_v);
+    {
+        let mut out_v = out_d.slice_mut(0..rows * hq * d);
+        let cache = KvCache {
+            k: &k_d,
+            v: &v_d,
+            shape: case.shape,
+        };
+        let mut ws = DecodeWorkspace::new();
+        kernels::forked_attention(
+            st,
+            &q_d.slice(0..rows * hq * d),
+            &cache,
+            &fp,
+            &mut out_v,
+            hq,
+            1.0 / (d as f32).sqrt(),
+            &mut ws,
+        )
+        .expect("forked_attention");
+    }
     let got = f32s(&down(st, &out_d)[..rows * hq * d]);
     let shape = AttnShape {
         num_heads: hq,
