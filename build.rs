@@ -23,6 +23,7 @@ mod cuda {
     const KERNELS: &[&str] = &[
         "kernels/paged_decode.cu",
         "kernels/prefill_attention.cu",
+        "kernels/forked_attention.cu",
         "kernels/kv_write.cu",
         "kernels/elementwise.cu",
         "kernels/sampling.cu",

@@ -112,6 +112,48 @@ typedef struct SpindlePrefillParams {
 int spindle_prefill_rows_per_tile(int32_t gqa_ratio);
 int spindle_prefill_attention(const SpindlePrefillParams* params, sp_stream stream);
 
+// ---------------------------------------------------------------- forked_attention.cu
+// Forked attention (kernel v2) over a lowered plan (src/plan/lower.rs): one CTA per
+// (work unit, kv-head) stages the unit's K/V tiles once for every query row the unit
+// serves (rows x q-heads stacked, tensor cores), writes a partial (o, lse) per row, or the
+// row's output when it has one partial; a merge kernel combines the rest per row in view
+// order. Prefill and decode rows go through the same kernel (per-row limits).
+#define SPINDLE_FORKED_UNIT_WIDTH 8      // int32 fields per unit (U_* in src/plan/lower.rs)
+#define SPINDLE_FORKED_TILE_TOKENS 64    // tokens per staged K/V tile
+#define SPINDLE_FORKED_CTA_ROWS 64       // stacked query vectors (rows x q-heads) per CTA
+typedef struct SpindleForkedParams {
+    const sp_bf16* q;              // [num_rows, num_q_heads, head_dim]
+    const sp_bf16* k_cache;        // [num_blocks, block_size, num_kv_heads, head_dim]
+    const sp_bf16* v_cache;        // [num_blocks, block_size, num_kv_heads, head_dim]
+    sp_bf16* out;                  // [num_rows, num_q_heads, head_dim]
+    const int32_t* units;          // [num_units, SPINDLE_FORKED_UNIT_WIDTH]
+    const int32_t* unit_rows;      // [num_partials] query row of lowered partial p
+    const int32_t* partial_direct; // [num_partials] 1: p is its row's only partial
+    const int32_t* chunk_block;    // [num_chunks]
+    const int32_t* chunk_start;    // [num_chunks]
+    const int32_t* chunk_len;      // [num_chunks]
+    const int32_t* row_limit;      // [num_rows]
+    const int32_t* row_part_ptr;   // [num_rows + 1] partials of row r, view order
+    const int32_t* row_parts;      // [num_row_parts]
+    const int32_t* merge_rows;     // [num_merge_rows] rows with 0 or >= 2 partials
+    float* part_o;                 // [num_partials, num_q_heads, head_dim]
+    float* part_lse;               // [num_partials, num_q_heads] (log2)
+    int32_t num_rows;
+    int32_t num_q_heads;
+    int32_t num_kv_heads;          // num_q_heads / num_kv_heads <= SPINDLE_FORKED_CTA_ROWS
+    int32_t head_dim;              // 16, 32, 64 or 128
+    int32_t block_size;
+    int32_t num_blocks;
+    int32_t num_chunks;
+    int32_t num_units;
+    int32_t num_partials;
+    int32_t num_row_parts;
+    int32_t num_merge_rows;
+    float scale;                   // softmax scale, usually 1/sqrt(head_dim)
+} SpindleForkedParams;
+
+int spindle_forked_attention(const SpindleForkedParams* params, sp_stream stream);
+
 // ---------------------------------------------------------------- kv_write.cu
 // Scatter new K/V rows into the paged cache. slot_mapping[t] < 0 skips token t (padding).
 int spindle_kv_write(

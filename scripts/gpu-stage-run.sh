@@ -330,11 +330,13 @@ if [ -z "$STOPPED" ]; then
     test_step "engine tests" 75 "$TESTLOG" "$E" "${T[@]}"
     # 5. memcheck: kernels, then the engine's CPU-vs-CUDA programs (split decode with small
     #    partitions, grouped prefill, copy-on-write block copies).
-    san_step "memcheck kernel tests" 75 memcheck "$K" "${T[@]}"
+    SPINDLE_FORKED_CASES=6 san_step "memcheck kernel tests" 75 memcheck "$K" \
+        --skip forked_v2_long_shared_prefixes "${T[@]}"
     san_step "memcheck engine tests" 60 memcheck "$E" cuda_matches_cpu_step_by_step "${T[@]}"
     # 6. racecheck over the attention kernels (shared-memory staging and reductions).
     san_step "racecheck attention kernels" 50 racecheck "$K" decode_gqa4_d128_multi_split \
-        prefill_gqa4_d128 decode_limits_beside_chunk_boundaries "${T[@]}"
+        prefill_gqa4_d128 decode_limits_beside_chunk_boundaries forked_v2_rejects_bad_shapes \
+        "${T[@]}"
     # 7. the benchmark (BENCH_ARGS, default --quick; its CSV goes to $OUT).
     bench_name="bench gpu_attention"
     rows_re='^ *[0-9]+ +[0-9]+ +[0-9]+ \|'

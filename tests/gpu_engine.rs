@@ -194,6 +194,93 @@ fn fixture_trees_on_cuda() {
     }
 }
 
+/// Every logit row of a replayed tree, depth first.
+fn all_rows(n: &spindle::replay::tree_file::NodeLogits, out: &mut Vec<Vec<f32>>) {
+    out.extend(n.logits.iter().cloned());
+    out.extend(n.join_logits.iter().cloned());
+    for c in &n.children {
+        all_rows(c, out);
+    }
+    if let Some(t) = &n.then {
+        all_rows(t, out);
+    }
+}
+
+fn top2(row: &[f32]) -> (usize, f32) {
+    let mut best = (0usize, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > best.1 {
+            best = (i, x, best.1);
+        } else if x > best.2 {
+            best.2 = x;
+        }
+    }
+    (best.0, best.1 - best.2)
+}
+
+/// The fixtures' tree cases through the whole CUDA engine with attention kernel v1 (the
+/// per-thread baseline) and v2 (forked): the same next token on every row whose top-2
+/// gap is above the bf16 noise of the two kernels' different summation orders (0.05), and
+/// logits within `REF_MAX_ABS` of each other.
+#[test]
+fn fixture_trees_v1_and_v2_give_the_same_tokens() {
+    use spindle::backend::cuda::backend::AttnKernel;
+    const T: &str = "fixture_trees_v1_and_v2_give_the_same_tokens";
+    for name in FIXTURES {
+        let r = reference(name);
+        let vocab = r["cases"][0]["logits"][0].as_array().expect("row").len();
+        for case in r["cases"].as_array().expect("cases") {
+            if case["kind"] != "tree" {
+                continue;
+            }
+            for block_size in [3, 16] {
+                for mode in [AttentionMode::Forked, AttentionMode::Naive] {
+                    let tree = parse_tree(&case["tree"], vocab);
+                    let mut rows = Vec::new();
+                    for kernel in [AttnKernel::V1, AttnKernel::V2] {
+                        let ck = Checkpoint::open(&fixture(name)).expect("fixture opens");
+                        let opts = CudaOptions {
+                            block_size,
+                            pool: KvPoolSize::Blocks(blocks_for(&tree, block_size)),
+                            ..Default::default()
+                        };
+                        let Some(mut backend) = cuda_backend(T, &ck, &opts) else {
+                            return;
+                        };
+                        backend.set_attention_kernel(kernel);
+                        let mut e = Engine::new(
+                            backend,
+                            EngineConfig {
+                                mode,
+                                ..Default::default()
+                            },
+                        );
+                        let (out, _) = replay_with_stats(&mut e, &tree).expect("replay");
+                        let mut v = Vec::new();
+                        all_rows(&out, &mut v);
+                        rows.push(v);
+                    }
+                    let what = format!("{T}: {name} {} bs={block_size} {mode:?}", case["name"]);
+                    assert_eq!(rows[0].len(), rows[1].len(), "{what}: row counts");
+                    let mut worst = 0.0f32;
+                    for (i, (a, b)) in rows[0].iter().zip(&rows[1]).enumerate() {
+                        let (ta, gap) = top2(a);
+                        let (tb, _) = top2(b);
+                        if gap > 0.05 {
+                            assert_eq!(ta, tb, "{what}: row {i} next token (v1 gap {gap})");
+                        }
+                        for (x, y) in a.iter().zip(b) {
+                            worst = worst.max((x - y).abs());
+                        }
+                    }
+                    assert!(worst <= REF_MAX_ABS, "{what}: logits differ by {worst}");
+                    println!("{what}: {} rows, max |v1 - v2| {worst:.4}", rows[0].len());
+                }
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------ CPU vs CUDA
 
 /// A Qwen3-style config (q/k norm, GQA) with the given attention shape.

@@ -21,6 +21,9 @@ use spindle::kv::Chunk;
 use spindle::plan::{AttentionPlan, PlanThread};
 use spindle::AttentionMode;
 
+#[path = "gpu_kernels/forked.rs"]
+mod forked;
+
 // ------------------------------------------------------------------ harness
 
 /// Reports a skipped GPU test. With `SPINDLE_REQUIRE_GPU` set (the GPU run sets it) a

@@ -12,6 +12,7 @@
 //! backend executes this exact structure; the CUDA kernels take the same arrays.
 
 pub mod incremental;
+pub mod lower;
 
 pub use incremental::{PlanInput, Planner, ViewSource};
 

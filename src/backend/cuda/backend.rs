@@ -9,14 +9,15 @@
 //!   ([`KvPoolSize`]); [`CudaBackend::pool`] reports what was chosen.
 //! - [`Backend::begin_step`] uploads the step's tokens, positions, slots and the attention
 //!   plan once, and runs the step's copy-on-write block copies (all layers in one launch).
-//! - Attention: every row's chunk list is the concatenation, in view order (the order of
-//!   `row_partials`), of the chunks of the plan items it belongs to, masked by
-//!   `row_limit[r]`. When some consecutive rows share a chunk list (a thread's prefill
-//!   chunk) the step runs `prefill_attention` over groups of such rows, otherwise the
-//!   split-KV paged decode kernel, one row per CSR entry. Both are per-thread kernels: a
-//!   shared prefix is read once per row (decode) or per group (prefill), not once per step
-//!   as the plan's items would allow; the forked kernel (docs/design.md, section 4) is the
-//!   next step and will take the plan's items directly.
+//! - Attention, kernel v2 (the default): the plan is lowered as the engine built it
+//!   (`plan::lower`: work units over items and splits, per-row partial CSR) and
+//!   `forked_attention` stages each unit's K/V once for every row it serves, prefill and
+//!   decode rows alike, merging partials per row in view order. Kernel v1
+//!   (`SPINDLE_ATTN_KERNEL=v1` or [`CudaBackend::set_attention_kernel`]) stays as the
+//!   per-thread baseline: every row's chunk list is the concatenation, in view order, of
+//!   the chunks of its items, masked by `row_limit[r]`; groups of consecutive rows sharing
+//!   a list run `prefill_attention`, otherwise the split-KV paged decode kernel, so a
+//!   shared prefix is read once per row or group.
 //! - Activations are [`DevMat`]: `[rows, cols]` bf16 on the device. Logits are computed in
 //!   f32 by the lm_head GEMM for the gathered `logit_rows` only and copied to the host.
 //!
@@ -32,7 +33,7 @@ use model_loader::{Checkpoint, ModelConfig};
 pub use super::devmat::DevMat;
 use cudarc::driver::{CudaEvent, PinnedHostSlice};
 
-use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, KvCache};
+use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, ForkedPlan, KvCache};
 use super::lowering::host_attention;
 pub use super::pool::{CudaOptions, KvPoolSize, PoolInfo};
 use super::profile::{profiler, range};
@@ -47,6 +48,7 @@ use crate::backend::step_program::{
 use crate::backend::weights::Weights;
 use crate::backend::{Backend, StepInput, Weight};
 use crate::error::{Result, SpindleError};
+use crate::plan::lower::{lower, LowerConfig, UNIT_WIDTH};
 
 /// Maps a cudarc driver error into the crate's error type.
 pub(super) fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
@@ -55,6 +57,30 @@ pub(super) fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
 
 pub(super) fn backend_err(msg: impl Into<String>) -> SpindleError {
     SpindleError::Backend(msg.into())
+}
+
+/// Which attention kernel the backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Kernel v1, the per-thread baseline: the plan unpacked into per-row chunk lists
+    /// (`lowering.rs`), the paged decode or prefill kernel.
+    V1,
+    /// Kernel v2: the plan lowered as built (`plan::lower`), shared items read once for all
+    /// their rows (`kernels/forked_attention.cu`).
+    V2,
+}
+
+impl AttnKernel {
+    /// `SPINDLE_ATTN_KERNEL=v1` selects the baseline; unset or `v2`, the forked kernel.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("SPINDLE_ATTN_KERNEL").as_deref() {
+            Err(_) | Ok("v2") | Ok("") => Ok(Self::V2),
+            Ok("v1") => Ok(Self::V1),
+            Ok(other) => Err(SpindleError::InvalidSetting(format!(
+                "SPINDLE_ATTN_KERNEL={other}: expected v1 or v2"
+            ))),
+        }
+    }
 }
 
 /// Which attention kernel a step uses, with its device arrays.
@@ -68,6 +94,19 @@ pub(super) enum AttnLaunch {
         tile_row: CudaSlice<i32>,
         num_tiles: usize,
         num_groups: usize,
+    },
+    /// Kernel v2 over the lowered plan (the chunk and row_limit arrays of [`StepBufs`]).
+    Forked {
+        units: CudaSlice<i32>,
+        num_units: usize,
+        unit_rows: CudaSlice<i32>,
+        partial_direct: CudaSlice<i32>,
+        num_partials: usize,
+        row_part_ptr: CudaSlice<i32>,
+        row_parts: CudaSlice<i32>,
+        num_row_parts: usize,
+        merge_rows: CudaSlice<i32>,
+        num_merge_rows: usize,
     },
 }
 
@@ -133,6 +172,10 @@ pub struct CudaBackend {
     staged: CudaEvent,
     /// Fused steps run since load (for `--profile-steps`).
     steps: u64,
+    /// The attention kernel in use ([`AttnKernel::from_env`] at load).
+    attn_kernel: AttnKernel,
+    /// Streaming multiprocessors (the split rule of the v2 lowering).
+    num_sms: usize,
 }
 
 /// The fused step's activation buffers ([`ArenaLayout`]), allocated once.
@@ -231,7 +274,12 @@ impl CudaBackend {
                 )));
             }
         }
+        let attn_kernel = AttnKernel::from_env()?;
         let gpu = Gpu::new(opts.device)?;
+        let num_sms = drv(gpu.ctx().attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        ))?
+        .max(1) as usize;
         let stream = gpu.stream().clone();
         let blas = Blas::new(stream.clone())?;
 
@@ -321,6 +369,8 @@ impl CudaBackend {
             stage_d,
             staged: drv(gpu_ctx.new_event(None))?,
             steps: 0,
+            attn_kernel,
+            num_sms,
         })
     }
 
@@ -686,6 +736,17 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The attention kernel in use.
+    pub fn attention_kernel(&self) -> AttnKernel {
+        self.attn_kernel
+    }
+
+    /// Selects the attention kernel for the following steps (benchmarks and tests compare
+    /// v1 and v2 this way).
+    pub fn set_attention_kernel(&mut self, k: AttnKernel) {
+        self.attn_kernel = k;
+    }
+
     /// What the K/V pool was sized to.
     pub fn pool(&self) -> &PoolInfo {
         &self.pool
@@ -783,6 +844,91 @@ impl CudaBackend {
             )));
         }
         Ok(rows)
+    }
+}
+
+/// A step's attention arrays on the device (the attention part of [`StepBufs`]).
+pub(super) struct StepAttn {
+    num_entries: usize,
+    chunk_indptr: CudaSlice<i32>,
+    num_chunks: usize,
+    chunk_block: CudaSlice<i32>,
+    chunk_start: CudaSlice<i32>,
+    chunk_len: CudaSlice<i32>,
+    row_limit: CudaSlice<i32>,
+    launch: AttnLaunch,
+}
+
+impl CudaBackend {
+    /// Kernel v1's arrays: the plan unpacked into per-row (or per-group) chunk lists.
+    fn attention_v1(&mut self, step: &StepInput, gqa: usize) -> Result<StepAttn> {
+        let stream = self.stream().clone();
+        let (nb, bs) = (self.pool.num_blocks, self.pool.block_size);
+        let prefill_ok = self.opts.use_prefill_kernel && kern::prefill_rows_per_tile(gqa) > 0;
+        let h = host_attention(step, nb, bs, prefill_ok)?;
+        let launch = match &h.groups {
+            Some(q_indptr) => {
+                let plan = kern::prefill_plan(q_indptr, gqa)?;
+                self.attention_uploads += 3;
+                AttnLaunch::Prefill {
+                    num_tiles: plan.tile_group.len(),
+                    num_groups: q_indptr.len() - 1,
+                    q_indptr: upload(&stream, q_indptr)?,
+                    tile_group: upload(&stream, &plan.tile_group)?,
+                    tile_row: upload(&stream, &plan.tile_row)?,
+                }
+            }
+            None => AttnLaunch::Decode {
+                max_view: h.max_view,
+            },
+        };
+        self.attention_uploads += 5;
+        Ok(StepAttn {
+            num_entries: h.indptr.len() - 1,
+            chunk_indptr: upload(&stream, &h.indptr)?,
+            num_chunks: h.block.len(),
+            chunk_block: upload(&stream, &h.block)?,
+            chunk_start: upload(&stream, &h.start)?,
+            chunk_len: upload(&stream, &h.len)?,
+            row_limit: upload(&stream, &h.row_limit)?,
+            launch,
+        })
+    }
+
+    /// Kernel v2's arrays: the plan lowered as built (`plan::lower`).
+    fn attention_v2(&mut self, step: &StepInput) -> Result<StepAttn> {
+        let stream = self.stream().clone();
+        let mut cfg = LowerConfig::new(
+            self.cfg.num_heads,
+            self.cfg.num_kv_heads,
+            self.pool.num_blocks,
+            self.pool.block_size,
+        );
+        cfg.num_sms = self.num_sms;
+        let lp = lower(&step.plan, &cfg)
+            .map_err(|e| backend_err(format!("malformed attention plan: {e}")))?;
+        self.attention_uploads += 11;
+        Ok(StepAttn {
+            num_entries: 0,
+            chunk_indptr: upload(&stream, &[0i32])?,
+            num_chunks: lp.chunk_block.len(),
+            chunk_block: upload(&stream, &lp.chunk_block)?,
+            chunk_start: upload(&stream, &lp.chunk_start)?,
+            chunk_len: upload(&stream, &lp.chunk_len)?,
+            row_limit: upload(&stream, &lp.row_limit)?,
+            launch: AttnLaunch::Forked {
+                units: upload(&stream, &lp.units)?,
+                num_units: lp.num_units(),
+                unit_rows: upload(&stream, &lp.unit_rows)?,
+                partial_direct: upload(&stream, &lp.partial_direct)?,
+                num_partials: lp.num_partials(),
+                row_part_ptr: upload(&stream, &lp.row_part_ptr)?,
+                row_parts: upload(&stream, &lp.row_parts)?,
+                num_row_parts: lp.row_parts.len(),
+                merge_rows: upload(&stream, &lp.merge_rows)?,
+                num_merge_rows: lp.merge_rows.len(),
+            },
+        })
     }
 }
 
@@ -884,38 +1030,23 @@ impl Backend for CudaBackend {
         }
 
         let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let prefill_ok = self.opts.use_prefill_kernel && kern::prefill_rows_per_tile(gqa) > 0;
-        let h = host_attention(step, nb, bs, prefill_ok)?;
-        let launch = match &h.groups {
-            Some(q_indptr) => {
-                let plan = kern::prefill_plan(q_indptr, gqa)?;
-                self.attention_uploads += 3;
-                AttnLaunch::Prefill {
-                    num_tiles: plan.tile_group.len(),
-                    num_groups: q_indptr.len() - 1,
-                    q_indptr: upload(&stream, q_indptr)?,
-                    tile_group: upload(&stream, &plan.tile_group)?,
-                    tile_row: upload(&stream, &plan.tile_row)?,
-                }
-            }
-            None => AttnLaunch::Decode {
-                max_view: h.max_view,
-            },
+        let attn = match self.attn_kernel {
+            AttnKernel::V1 => self.attention_v1(step, gqa)?,
+            AttnKernel::V2 => self.attention_v2(step)?,
         };
         self.kv_tokens_read += step.plan.kv_tokens_read * self.cfg.num_layers as u64;
-        self.attention_uploads += 5;
         self.step = Some(StepBufs {
             rows,
             pack,
             num_logit_rows: step.logit_rows.len(),
-            num_entries: h.indptr.len() - 1,
-            chunk_indptr: upload(&stream, &h.indptr)?,
-            num_chunks: h.block.len(),
-            chunk_block: upload(&stream, &h.block)?,
-            chunk_start: upload(&stream, &h.start)?,
-            chunk_len: upload(&stream, &h.len)?,
-            row_limit: upload(&stream, &h.row_limit)?,
-            launch,
+            num_entries: attn.num_entries,
+            chunk_indptr: attn.chunk_indptr,
+            num_chunks: attn.num_chunks,
+            chunk_block: attn.chunk_block,
+            chunk_start: attn.chunk_start,
+            chunk_len: attn.chunk_len,
+            row_limit: attn.row_limit,
+            launch: attn.launch,
         });
         Ok(())
     }
@@ -1177,8 +1308,9 @@ impl Backend for CudaBackend {
     }
 }
 
-/// Attention of `q` over one layer's cache per the step's lowered plan (the decode or the
-/// prefill kernel); returns the launches made (split-KV decode merges partials in a second).
+/// Attention of `q` over one layer's cache per the step's lowered plan (kernel v1's decode
+/// or prefill kernel, or kernel v2); returns the launches made (split-KV decode and v2 merge
+/// partials in a second).
 #[allow(clippy::too_many_arguments)]
 fn attend(
     stream: &Arc<CudaStream>,
@@ -1249,6 +1381,44 @@ fn attend(
                 scale,
             )?;
             1
+        }
+        AttnLaunch::Forked {
+            units,
+            num_units,
+            unit_rows,
+            partial_direct,
+            num_partials,
+            row_part_ptr,
+            row_parts,
+            num_row_parts,
+            merge_rows,
+            num_merge_rows,
+        } => {
+            let (un, ur, pd) = (
+                units.slice(0..num_units * UNIT_WIDTH),
+                unit_rows.slice(0..*num_partials),
+                partial_direct.slice(0..*num_partials),
+            );
+            let (rp, rps, mr) = (
+                row_part_ptr.slice(0..s.rows + 1),
+                row_parts.slice(0..*num_row_parts),
+                merge_rows.slice(0..*num_merge_rows),
+            );
+            let plan = ForkedPlan {
+                units: &un,
+                unit_rows: &ur,
+                partial_direct: &pd,
+                chunk_block: &cb,
+                chunk_start: &cs,
+                chunk_len: &cl,
+                row_limit: &row_limit,
+                row_part_ptr: &rp,
+                row_parts: &rps,
+                merge_rows: &mr,
+            };
+            kern::forked_attention(stream, q, cache, &plan, out, heads, scale, ws)?;
+            // The item kernel, then the merge kernel for rows with several partials.
+            u64::from(s.rows > 0 && *num_units > 0) + u64::from(s.rows > 0 && *num_merge_rows > 0)
         }
     })
 }

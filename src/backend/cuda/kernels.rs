@@ -335,6 +335,162 @@ pub fn paged_decode(
     CudaError::check(K, code)
 }
 
+/// The lowered attention plan on the device ([`crate::plan::lower::LoweredPlan`]'s arrays,
+/// each its own length).
+pub struct ForkedPlan<'a> {
+    /// `[num_units, UNIT_WIDTH]`.
+    pub units: In<'a, i32>,
+    /// `[partials]` query row of each lowered partial.
+    pub unit_rows: In<'a, i32>,
+    /// `[partials]` 1 where the partial is its row's only one.
+    pub partial_direct: In<'a, i32>,
+    /// `[num_chunks]` each.
+    pub chunk_block: In<'a, i32>,
+    pub chunk_start: In<'a, i32>,
+    pub chunk_len: In<'a, i32>,
+    /// `[num_rows]`.
+    pub row_limit: In<'a, i32>,
+    /// `[num_rows + 1]` and `[row parts]`: each row's partials in view order.
+    pub row_part_ptr: In<'a, i32>,
+    pub row_parts: In<'a, i32>,
+    /// `[merge rows]`.
+    pub merge_rows: In<'a, i32>,
+}
+
+/// Forked attention, kernel v2 (`kernels/forked_attention.cu`): every work unit of the
+/// lowered plan staged once for all the rows it serves, partials merged per row in view
+/// order. `out[r, h] = softmax(scale * q[r, h] . K_view(r)^T) V_view(r)` masked to view
+/// indices `< row_limit[r]`. Partials live in `ws`.
+#[allow(clippy::too_many_arguments)]
+pub fn forked_attention(
+    stream: &Arc<CudaStream>,
+    q: In<'_, bf16>, // [num_rows, num_q_heads, head_dim]
+    cache: &KvCache<'_>,
+    plan: &ForkedPlan<'_>,
+    out: Out<'_, bf16>, // [num_rows, num_q_heads, head_dim]
+    num_q_heads: usize,
+    scale: f32,
+    ws: &mut DecodeWorkspace,
+) -> Result<()> {
+    const K: &str = "spindle_forked_attention";
+    const WIDTH: usize = crate::plan::lower::UNIT_WIDTH;
+    const _: () = assert!(WIDTH == ffi::SPINDLE_FORKED_UNIT_WIDTH as usize);
+    const _: () = assert!(
+        crate::plan::lower::TILE_TOKENS == ffi::SPINDLE_FORKED_TILE_TOKENS as usize
+            && crate::plan::lower::CTA_ROWS == ffi::SPINDLE_FORKED_CTA_ROWS as usize
+    );
+    check_cache(K, cache)?;
+    let s = cache.shape;
+    let num_rows = plan.row_limit.len();
+    if num_q_heads == 0
+        || !num_q_heads.is_multiple_of(s.num_kv_heads)
+        || num_q_heads / s.num_kv_heads > ffi::SPINDLE_FORKED_CTA_ROWS as usize
+    {
+        return Err(CudaError::shape(
+            K,
+            format!(
+                "{num_q_heads} q heads over {} kv heads (whole groups of at most {})",
+                s.num_kv_heads,
+                ffi::SPINDLE_FORKED_CTA_ROWS
+            ),
+        ));
+    }
+    if !plan.units.len().is_multiple_of(WIDTH) {
+        return Err(CudaError::shape(
+            K,
+            format!(
+                "units: length {} is not whole units of {WIDTH}",
+                plan.units.len()
+            ),
+        ));
+    }
+    let num_units = plan.units.len() / WIDTH;
+    let num_partials = plan.unit_rows.len();
+    expect_len(K, "partial_direct", plan.partial_direct.len(), num_partials)?;
+    let num_chunks = plan.chunk_block.len();
+    expect_len(K, "chunk_start", plan.chunk_start.len(), num_chunks)?;
+    expect_len(K, "chunk_len", plan.chunk_len.len(), num_chunks)?;
+    expect_len(K, "row_part_ptr", plan.row_part_ptr.len(), num_rows + 1)?;
+    expect_len(K, "q", q.len(), num_rows * num_q_heads * s.head_dim)?;
+    expect_len(K, "out", out.len(), num_rows * num_q_heads * s.head_dim)?;
+    let lse_len = num_partials * num_q_heads;
+    i32_of(K, "partials * num_q_heads", lse_len)?;
+    i32_of(K, "units", plan.units.len())?;
+    i32_of(K, "num_chunks", num_chunks)?;
+    i32_of(K, "row parts", plan.row_parts.len())?;
+    i32_of(K, "merge rows", plan.merge_rows.len())?;
+    if num_units > u32::MAX as usize / 2 || plan.merge_rows.len() > u32::MAX as usize / 2 {
+        return Err(CudaError::shape(K, "grid too large"));
+    }
+    if num_rows == 0 {
+        return Ok(());
+    }
+    ws.ensure(stream, (lse_len * s.head_dim).max(1), lse_len.max(1))?;
+    bind(stream)?;
+    let (q_p, _g0) = rd!(q, stream, ffi::sp_bf16);
+    let (k_p, _g1) = rd!(cache.k, stream, ffi::sp_bf16);
+    let (v_p, _g2) = rd!(cache.v, stream, ffi::sp_bf16);
+    let (o_p, _g3) = wr!(out, stream, ffi::sp_bf16);
+    let (un, _g4) = rd!(plan.units, stream, i32);
+    let (ur, _g5) = rd!(plan.unit_rows, stream, i32);
+    let (pd, _g6) = rd!(plan.partial_direct, stream, i32);
+    let (cb, _g7) = rd!(plan.chunk_block, stream, i32);
+    let (cs, _g8) = rd!(plan.chunk_start, stream, i32);
+    let (cl, _g9) = rd!(plan.chunk_len, stream, i32);
+    let (rl, _g10) = rd!(plan.row_limit, stream, i32);
+    let (rp, _g11) = rd!(plan.row_part_ptr, stream, i32);
+    let (rps, _g12) = rd!(plan.row_parts, stream, i32);
+    let (mr, _g13) = rd!(plan.merge_rows, stream, i32);
+    check_attention_align(K, q_p, k_p, v_p, o_p)?;
+    let ws_o = ws
+        .part_o
+        .as_mut()
+        .ok_or_else(|| CudaError::shape(K, "workspace not allocated"))?;
+    let (po, _g14) = wr!(ws_o, stream, f32);
+    let ws_l = ws
+        .part_lse
+        .as_mut()
+        .ok_or_else(|| CudaError::shape(K, "workspace not allocated"))?;
+    let (pl, _g15) = wr!(ws_l, stream, f32);
+    let params = ffi::SpindleForkedParams {
+        q: q_p,
+        k_cache: k_p,
+        v_cache: v_p,
+        out: o_p,
+        units: un,
+        unit_rows: ur,
+        partial_direct: pd,
+        chunk_block: cb,
+        chunk_start: cs,
+        chunk_len: cl,
+        row_limit: rl,
+        row_part_ptr: rp,
+        row_parts: rps,
+        merge_rows: mr,
+        part_o: po,
+        part_lse: pl,
+        num_rows: i32_of(K, "num_rows", num_rows)?,
+        num_q_heads: i32_of(K, "num_q_heads", num_q_heads)?,
+        num_kv_heads: i32_of(K, "num_kv_heads", s.num_kv_heads)?,
+        head_dim: s.head_dim as i32,
+        block_size: i32_of(K, "block_size", s.block_size)?,
+        num_blocks: i32_of(K, "num_blocks", s.num_blocks)?,
+        num_chunks: num_chunks as i32,
+        num_units: num_units as i32,
+        num_partials: num_partials as i32,
+        num_row_parts: plan.row_parts.len() as i32,
+        num_merge_rows: plan.merge_rows.len() as i32,
+        scale,
+    };
+    // SAFETY: every pointer comes from a live device buffer of this context whose length was
+    // checked above against the counts in `params` (the workspace holds num_partials x
+    // num_q_heads (x head_dim) floats); indices read on the device are clamped or skipped by
+    // the kernels; the guards (_g*) keep the buffers' stream ordering until the launch is
+    // issued.
+    let code = unsafe { ffi::spindle_forked_attention(&params, cu(stream)) };
+    CudaError::check(K, code)
+}
+
 /// Host-side tile plan for [`prefill_attention`]: tile t covers rows
 /// `[tile_row[t], min(tile_row[t] + rows_per_tile, q_indptr[tile_group[t] + 1]))`.
 #[derive(Clone, Debug, PartialEq, Eq)]
