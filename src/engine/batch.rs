@@ -9,7 +9,7 @@ impl<B: Backend> Engine<B> {
     /// Fills the step input from `buf.batch`: one row per token, the plan (updated in
     /// place when it can be), and the counters.
     pub(super) fn build_batch(&mut self) {
-        let bs = self.pool.block_size();
+        let bs = self.kv.pool().block_size();
         let buf = &mut self.buf;
         let input = &mut buf.input;
         // The step's rows.
@@ -47,7 +47,7 @@ impl<B: Backend> Engine<B> {
             for &slot in &input.slots {
                 let block = slot / bs as u32;
                 assert_eq!(
-                    self.pool.refcount(block),
+                    self.kv.pool().refcount(block),
                     1,
                     "engine invariant violated: block {block} written while shared"
                 );

@@ -24,7 +24,7 @@ impl<B: Backend> Engine<B> {
     /// step.)
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         self.check_refcounts()?;
-        let bs = self.pool.block_size() as u32;
+        let bs = self.kv.pool().block_size() as u32;
         for t in &self.threads {
             let id = t.id;
             if t.state == ThreadState::Retired {
@@ -97,10 +97,10 @@ impl<B: Backend> Engine<B> {
                 return Err(format!("thread {id} lists child {c}, whose parent differs"));
             }
         }
-        if self.live.is_empty() && !self.pool.all_free() {
+        if self.live.is_empty() && !self.kv.pool().all_free() {
             return Err(format!(
                 "no live thread but {} blocks in use",
-                self.pool.num_used()
+                self.kv.pool().num_used()
             ));
         }
         Ok(())
@@ -109,17 +109,17 @@ impl<B: Backend> Engine<B> {
     /// Recounts every block reference from the live views and compares with the pool
     /// (a consistency check for tests).
     pub fn check_refcounts(&self) -> std::result::Result<(), String> {
-        let mut counts = vec![0u32; self.pool.num_blocks()];
+        let mut counts = vec![0u32; self.kv.pool().num_blocks()];
         for t in &self.threads {
             for b in t.view.block_occurrences() {
                 counts[b as usize] += 1;
             }
         }
         for (b, &c) in counts.iter().enumerate() {
-            if self.pool.refcount(b as u32) != c {
+            if self.kv.pool().refcount(b as u32) != c {
                 return Err(format!(
                     "block {b}: pool says {} references, views hold {c}",
-                    self.pool.refcount(b as u32)
+                    self.kv.pool().refcount(b as u32)
                 ));
             }
         }

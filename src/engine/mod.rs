@@ -9,7 +9,7 @@
 
 use crate::backend::{Backend, StepInput};
 use crate::error::{Operation, Result, SpindleError};
-use crate::kv::{BlockPool, KvView, SharedTail};
+use crate::kv::{BlockPool, KvManager, KvView, SharedTail};
 use crate::model;
 use crate::plan::{AttentionMode, PlanInput, Planner, ViewSource};
 
@@ -86,7 +86,8 @@ struct StepBuffers {
 /// Threads, block pool and backend.
 pub struct Engine<B: Backend> {
     backend: B,
-    pool: BlockPool,
+    /// The block pool, changed only through the manager.
+    kv: KvManager,
     threads: Vec<Thread>,
     /// Each request's current root thread, indexed by [`RequestId`].
     roots: Vec<ThreadId>,
@@ -102,11 +103,11 @@ pub struct Engine<B: Backend> {
 impl<B: Backend> Engine<B> {
     /// An engine over `backend`'s cache.
     pub fn new(backend: B, cfg: EngineConfig) -> Self {
-        let pool = BlockPool::new(backend.num_blocks(), backend.block_size());
+        let kv = KvManager::new(backend.num_blocks(), backend.block_size(), cfg.shared_tail);
         let planner = Planner::new(cfg.mode, cfg.split_tokens, backend.block_size());
         Self {
             backend,
-            pool,
+            kv,
             threads: Vec::new(),
             roots: Vec::new(),
             live: BTreeSet::new(),
@@ -124,7 +125,7 @@ impl<B: Backend> Engine<B> {
 
     /// The block pool.
     pub fn pool(&self) -> &BlockPool {
-        &self.pool
+        self.kv.pool()
     }
 
     /// Engine settings.
@@ -135,14 +136,14 @@ impl<B: Backend> Engine<B> {
     /// Counters so far.
     pub fn stats(&self) -> EngineStats {
         let mut s = self.stats.clone();
-        s.blocks_peak = self.pool.peak_used();
+        s.blocks_peak = self.kv.pool().peak_used();
         s
     }
 
     /// Clears the counters (and the pool's peak).
     pub fn reset_stats(&mut self) {
         self.stats = EngineStats::default();
-        self.pool.reset_peak();
+        self.kv.reset_peak();
     }
 
     /// A thread by id.
@@ -329,7 +330,7 @@ impl<B: Backend> Engine<B> {
             let mut path = parent.path.clone();
             path.push(i as u32);
             let (view, pos) = if share_context {
-                (parent.view.share(&mut self.pool), parent.next_pos)
+                (self.kv.fork(&parent.view), parent.next_pos)
             } else {
                 (KvView::new(), 0)
             };
@@ -380,7 +381,7 @@ impl<B: Backend> Engine<B> {
         }
         t.state = ThreadState::Finished;
         if t.release_on_finish {
-            t.view.release(&mut self.pool);
+            self.kv.free(&mut t.view);
         }
         if t.parent.is_none() {
             self.retire(id);
@@ -412,7 +413,7 @@ impl<B: Backend> Engine<B> {
         if t.state != ThreadState::Finished || t.parent.is_none() {
             return Err(wrong_state(t, Operation::ReleaseCache, "a finished child"));
         }
-        t.view.release(&mut self.pool);
+        self.kv.free(&mut t.view);
         self.after_change();
         Ok(())
     }
@@ -461,7 +462,7 @@ impl<B: Backend> Engine<B> {
             let child = &self.threads[c];
             match kind {
                 JoinKind::Reuse => {
-                    let own = child.view.suffix(child.fork_len, &mut self.pool);
+                    let own = self.kv.suffix(&child.view, child.fork_len);
                     // A child whose cache was released contributes nothing.
                     let n = own.len();
                     own_views.push((
@@ -504,7 +505,7 @@ impl<B: Backend> Engine<B> {
             self.retire(c);
         }
         let t = &mut self.threads[id];
-        t.view.release(&mut self.pool);
+        self.kv.free(&mut t.view);
         t.pending.clear();
         t.state = ThreadState::Retired;
         self.live.remove(&id);
@@ -617,9 +618,9 @@ impl<B: Backend> Engine<B> {
     /// will count them ([`KvView::blocks_needed`]: a fresh span or a copy-on-write copy
     /// of a shared tail block, per [`EngineConfig::shared_tail`]); 0 for an unknown id.
     pub fn blocks_needed(&self, id: ThreadId, n: usize) -> usize {
-        self.threads.get(id.index()).map_or(0, |t| {
-            t.view.blocks_needed(n, &self.pool, self.cfg.shared_tail)
-        })
+        self.threads
+            .get(id.index())
+            .map_or(0, |t| self.kv.blocks_needed(&t.view, n))
     }
 
     /// True when some active thread has queued tokens.

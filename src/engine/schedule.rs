@@ -4,7 +4,7 @@
 use super::{Admitted, Engine, EngineStats};
 use crate::backend::Backend;
 use crate::error::{Result, SpindleError};
-use crate::kv::BlockPool;
+use crate::kv::KvManager;
 use crate::tree::{Pending, Thread, ThreadState};
 
 impl<B: Backend> Engine<B> {
@@ -12,7 +12,7 @@ impl<B: Backend> Engine<B> {
     /// slots reserved), preempting when nothing fits; fills `buf.waiting`. False when no
     /// thread has work.
     pub(super) fn admit(&mut self) -> Result<bool> {
-        let bs = self.pool.block_size();
+        let bs = self.kv.block_size();
         let buf = &mut self.buf;
         buf.candidates.clear();
         buf.batch.clear();
@@ -54,13 +54,10 @@ impl<B: Backend> Engine<B> {
                     .len()
                     .min(self.cfg.prefill_chunk.max(1))
                     .min(budget);
-                if t.view.append_into(
-                    n,
-                    &mut self.pool,
-                    &mut input.copies,
-                    self.cfg.shared_tail,
-                    &mut input.slots,
-                ) {
+                if self
+                    .kv
+                    .allocate(&mut t.view, n, &mut input.copies, &mut input.slots)
+                {
                     budget -= n;
                     buf.batch.push(Admitted {
                         id,
@@ -82,7 +79,7 @@ impl<B: Backend> Engine<B> {
                 Some(v) => {
                     let t = &mut self.threads[v];
                     buf.private_blocks -= t.view.len().div_ceil(bs);
-                    preempt(t, &mut self.pool, &mut self.stats);
+                    preempt(t, &mut self.kv, &mut self.stats);
                     buf.private_blocks += t.view.len().div_ceil(bs);
                     buf.preempted.push(v);
                 }
@@ -90,7 +87,7 @@ impl<B: Backend> Engine<B> {
                     return Err(SpindleError::ThreadDoesNotFit {
                         thread: first,
                         request: self.threads[first].request,
-                        free: self.pool.num_free(),
+                        free: self.kv.pool().num_free(),
                         block_size: bs,
                     });
                 }
@@ -111,7 +108,7 @@ impl<B: Backend> Engine<B> {
 
 /// Preemption by recompute: drops the thread's own cached tokens past its pinned length and
 /// queues them again (with their positions) before its queued ones, so nothing is lost.
-fn preempt(t: &mut Thread, pool: &mut BlockPool, stats: &mut EngineStats) {
+fn preempt(t: &mut Thread, kv: &mut KvManager, stats: &mut EngineStats) {
     let keep = t.pinned_len;
     // The pinned part holds the fork point, so the dropped tokens are all the thread's own.
     let own_keep = keep.saturating_sub(t.fork_len);
@@ -127,7 +124,7 @@ fn preempt(t: &mut Thread, pool: &mut BlockPool, stats: &mut EngineStats) {
     for p in requeue {
         t.pending.push_front(p);
     }
-    t.view.truncate(keep, pool);
+    kv.truncate(&mut t.view, keep);
     t.own_tokens.truncate(own_keep);
     t.own_pos.truncate(own_keep);
     stats.preemptions += 1;
