@@ -564,6 +564,52 @@ mod tests {
     }
 
     #[test]
+    fn attention_arrays_land_at_their_shifted_ranges() {
+        use crate::plan::lower::LoweredPlan;
+        let lp = LoweredPlan {
+            units: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            unit_rows: vec![0, 1],
+            partial_direct: vec![1, 1],
+            row_part_ptr: vec![0, 1, 2],
+            row_parts: vec![0, 1],
+            chunk_block: vec![9],
+            chunk_start: vec![0],
+            chunk_len: vec![5],
+            row_limit: vec![5, 4],
+            ..Default::default()
+        };
+        let mut a = AttentionArrays::default();
+        a.push(&[-7]); // whatever an earlier caller left is cleared
+        a.clear();
+        let r = a.push_lowered(&lp);
+        assert_eq!(a.len(), 1 + 8 + 2 + 2 + 3 + 2 + 3 + 2);
+        assert!(
+            r.merge_rows.is_empty() && r.q_indptr.is_empty(),
+            "unused arrays empty"
+        );
+        let step = crate::backend::StepInput {
+            tokens: vec![1, 2],
+            positions: vec![4, 3],
+            slots: vec![40, 30],
+            ..Default::default()
+        };
+        let mut buf = vec![-1; packed_len(&step, a.len())];
+        let l = pack_step(&step, &a.data, &mut buf).expect("fits");
+        let r = r.shifted(l.attention.start);
+        assert_eq!(l.attention.start, 6);
+        assert_eq!(&buf[r.chunk_indptr.clone()], &[0]);
+        assert_eq!(&buf[r.units.clone()], &lp.units[..]);
+        assert_eq!(&buf[r.unit_rows.clone()], &lp.unit_rows[..]);
+        assert_eq!(&buf[r.partial_direct.clone()], &lp.partial_direct[..]);
+        assert_eq!(&buf[r.row_part_ptr.clone()], &lp.row_part_ptr[..]);
+        assert_eq!(&buf[r.row_parts.clone()], &lp.row_parts[..]);
+        assert_eq!(&buf[r.chunk_block.clone()], &[9]);
+        assert_eq!(&buf[r.chunk_len.clone()], &[5]);
+        assert_eq!(&buf[r.row_limit.clone()], &[5, 4]);
+        assert_eq!(r.row_limit.end.max(r.row_parts.end), l.len);
+    }
+
+    #[test]
     fn empty_step_only_uploads() {
         let cfg = preset_config(Arch::Qwen3, Preset::Tiny);
         let shape = StepShape {

@@ -944,10 +944,11 @@ impl Backend for CudaBackend {
             AttnKernel::V2 => self.attention_v2(step)?,
         };
         let need = packed_len(step, self.attn_host.len());
-        self.ensure_stage(rows, need)?;
         // The previous step's copy out of the staging buffer must be done before it is
-        // overwritten (a step without logits ends without a synchronisation).
+        // overwritten or, when this step grows it, freed (a step without logits ends
+        // without a synchronisation).
         drv(self.staged.synchronize())?;
+        self.ensure_stage(rows, need)?;
         let host = drv(self.stage_h.as_mut_slice())?;
         let pack = pack_step(step, &self.attn_host.data, host)?;
         if pack.len > 0 {
