@@ -551,9 +551,12 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 /// The fused step (`StepProgram` in the arena, one staging copy) against the op-by-op
 /// layer loop on the same device: the same logits up to GEMM shape effects (q/k/v and
 /// gate/up are one GEMM each when fused), no allocation or memset after load, one input
-/// copy per step; the loop allocates, which shows the counters count.
+/// copy per step with the attention arrays inside it, under both attention kernels (v1 with
+/// an 8-token partition, so its decode steps split and use the workspace sized at load);
+/// the loop allocates, which shows the counters count.
 #[test]
 fn fused_step_matches_the_layer_loop_without_allocating() {
+    use spindle::backend::cuda::backend::AttnKernel;
     const T: &str = "fused_step_matches_the_layer_loop_without_allocating";
     for name in FIXTURES {
         let r = reference(name);
@@ -567,45 +570,57 @@ fn fused_step_matches_the_layer_loop_without_allocating() {
         let tree = TreeNode::sequence(tokens);
         let ck = Checkpoint::open(&fixture(name)).expect("fixture opens");
         let mut runs = Vec::new();
-        for fused in [true, false] {
+        for (fused, kernel) in [
+            (true, AttnKernel::V2),
+            (true, AttnKernel::V1),
+            (false, AttnKernel::V2),
+        ] {
             let opts = CudaOptions {
                 block_size: 16,
                 pool: KvPoolSize::Blocks(blocks_for(&tree, 16)),
+                partition_size: 8,
                 fused_step: fused,
                 ..Default::default()
             };
-            let Some(b) = cuda_backend(T, &ck, &opts) else {
+            let Some(mut b) = cuda_backend(T, &ck, &opts) else {
                 return;
             };
+            b.set_attention_kernel(kernel);
             let before = b.counters();
             let mut e = Engine::new(b, EngineConfig::default());
             let (out, stats) = replay_with_stats(&mut e, &tree).expect("replay");
             let c = e.backend().counters().since(&before);
             println!(
-                "{name} fused={fused}: {} steps, {} launches, {} allocations, {} memsets, {} H2D (+{} attention uploads in all), {} D2H",
-                stats.steps,
-                c.launches,
-                c.allocations,
-                c.memsets,
-                c.h2d_copies,
-                e.backend().attention_uploads(),
-                c.d2h_copies
+                "{name} fused={fused} {kernel:?}: {} steps, {} launches, {} allocations, {} memsets, {} H2D (attention arrays inside), {} D2H",
+                stats.steps, c.launches, c.allocations, c.memsets, c.h2d_copies, c.d2h_copies
             );
             if fused {
-                assert_eq!(c.allocations, 0, "{name}: fused steps allocate nothing");
-                assert_eq!(c.memsets, 0, "{name}: fused steps zero-fill nothing");
-                assert_eq!(c.h2d_copies, stats.steps, "{name}: one input copy a step");
+                assert_eq!(
+                    c.allocations, 0,
+                    "{name} {kernel:?}: fused steps allocate nothing"
+                );
+                assert_eq!(
+                    c.memsets, 0,
+                    "{name} {kernel:?}: fused steps zero-fill nothing"
+                );
+                assert_eq!(
+                    c.h2d_copies, stats.steps,
+                    "{name} {kernel:?}: one input copy a step, attention arrays included"
+                );
             } else {
                 assert!(
                     c.allocations > 0,
                     "{name}: the layer loop allocates (counted)"
                 );
             }
-            runs.push(out.logits);
+            runs.push((format!("fused={fused} {kernel:?}"), out.logits));
         }
-        let d = max_abs_diff(&runs[0], &runs[1]);
-        println!("{name}: fused vs layer loop max |diff| = {d:.3e}");
-        assert!(d <= REF_MAX_ABS, "{name}: fused vs layer loop {d}");
+        let (reference_run, loop_logits) = runs.pop().expect("the layer loop's run");
+        for (what, logits) in &runs {
+            let d = max_abs_diff(logits, &loop_logits);
+            println!("{name}: {what} vs {reference_run} max |diff| = {d:.3e}");
+            assert!(d <= REF_MAX_ABS, "{name}: {what} vs layer loop {d}");
+        }
     }
 }
 

@@ -4,7 +4,14 @@
 //! `tests/gpu_engine.rs`). No device needed; runs in every `cargo test`.
 
 use model_loader::{preset_config, Arch, ModelConfig, Preset};
-use spindle::backend::step_program::{Op, StepProgram, StepShape};
+use spindle::backend::step_program::{
+    pack_step, packed_len, stage_capacity, AttentionArrays, Op, StepProgram, StepShape,
+    DEFAULT_MAX_STEP_PARTIALS,
+};
+use spindle::backend::StepInput;
+use spindle::kv::Chunk;
+use spindle::plan::lower::{lower, lower_into, LowerConfig, LoweredPlan};
+use spindle::plan::{AttentionMode, AttentionPlan, PlanThread};
 
 /// The targets for a decode step.
 const MAX_LAUNCHES_PER_LAYER: u64 = 12;
@@ -105,4 +112,131 @@ fn every_layer_runs_each_fused_op_once() {
     assert_eq!(p.ops.first(), Some(&Op::UploadInputs));
     assert_eq!(p.ops.get(1), Some(&Op::CopyBlocks));
     assert_eq!(p.ops.last(), Some(&Op::Download));
+}
+
+/// A decode step of `w` threads over a shared `prefix`-token prefix (16-token blocks
+/// `0..prefix / 16`), thread t with a tail of `1 + (t + age) % 16` tokens in block
+/// `prefix / 16 + t`: one row each, seeing its whole view.
+fn decode_step(w: usize, prefix: u32, age: usize) -> (StepInput, usize) {
+    const BS: u32 = 16;
+    let shared: Vec<Chunk> = (0..prefix / BS)
+        .map(|b| Chunk {
+            block: b,
+            start: 0,
+            len: BS,
+        })
+        .collect();
+    let mut step = StepInput::default();
+    let mut threads = Vec::new();
+    for t in 0..w {
+        let tail = 1 + ((t + age) % 16) as u32;
+        let block = prefix / BS + t as u32;
+        let mut chunks = shared.clone();
+        chunks.push(Chunk {
+            block,
+            start: 0,
+            len: tail,
+        });
+        step.tokens.push((t * 7 + age) as u32);
+        step.positions.push(prefix + tail - 1);
+        step.slots.push(block * BS + tail - 1);
+        step.logit_rows.push(t as u32);
+        threads.push(PlanThread {
+            chunks,
+            rows: vec![(t as u32, prefix + tail)],
+        });
+    }
+    step.plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
+    (step, (prefix / BS) as usize + w)
+}
+
+/// The attention arrays travel in the step's one copy: kernel v2's lowering of a real
+/// decode step's plan (W threads over a shared 4k prefix) packs into the staging buffer the
+/// backend allocates at load for W rows, every array where its range says, so a steady
+/// decode step does no allocation and exactly one host-to-device copy; its partials fit the
+/// attention workspace allocated at load; the host buffers (lowering, concatenated arrays)
+/// keep their capacity from step to step.
+#[test]
+fn attention_arrays_travel_in_the_one_packed_copy() {
+    let cfg = preset_config(Arch::Qwen3, Preset::P1_7B);
+    for w in [1usize, 16, 64] {
+        let capacity = stage_capacity(w); // what load allocates for max_step_rows = w
+        let mut staging = vec![0i32; capacity];
+        let mut arrays = AttentionArrays::default();
+        let mut lowered = LoweredPlan::default();
+        let mut caps = None;
+        for age in 0..4 {
+            let (step, num_blocks) = decode_step(w, 4096, age);
+            let mut lc = LowerConfig::new(cfg.num_heads, cfg.num_kv_heads, num_blocks, 16);
+            lc.num_sms = 132; // an H200
+            lower_into(&step.plan, &lc, &mut lowered).expect("lowers");
+            assert_eq!(lowered, lower(&step.plan, &lc).expect("lowers"));
+            arrays.clear();
+            let ranges = arrays.push_lowered(&lowered);
+            let need = packed_len(&step, arrays.len());
+            assert!(
+                need <= capacity,
+                "W={w}: {need} staging elements exceed the load-time {capacity} (the step would grow it)"
+            );
+            let pack = pack_step(&step, &arrays.data, &mut staging).expect("packs");
+            assert_eq!(pack.len, need);
+            let r = ranges.shifted(pack.attention.start);
+            assert_eq!(r.units.end.max(r.merge_rows.end), pack.attention.end);
+            let at = |range: &std::ops::Range<usize>| &staging[range.clone()];
+            assert_eq!(at(&r.units), &lowered.units[..]);
+            assert_eq!(at(&r.unit_rows), &lowered.unit_rows[..]);
+            assert_eq!(at(&r.partial_direct), &lowered.partial_direct[..]);
+            assert_eq!(at(&r.chunk_block), &lowered.chunk_block[..]);
+            assert_eq!(at(&r.chunk_start), &lowered.chunk_start[..]);
+            assert_eq!(at(&r.chunk_len), &lowered.chunk_len[..]);
+            assert_eq!(at(&r.row_limit), &lowered.row_limit[..]);
+            assert_eq!(at(&r.row_part_ptr), &lowered.row_part_ptr[..]);
+            assert_eq!(at(&r.row_parts), &lowered.row_parts[..]);
+            assert_eq!(at(&r.merge_rows), &lowered.merge_rows[..]);
+            let tokens: Vec<i32> = step.tokens.iter().map(|&t| t as i32).collect();
+            assert_eq!(
+                at(&pack.tokens),
+                &tokens[..],
+                "the step's own inputs alongside"
+            );
+            let program = StepProgram::build(
+                &cfg,
+                &StepShape {
+                    rows: w,
+                    logit_rows: w,
+                    copies: false,
+                    attention_launches: 1 + u64::from(!lowered.merge_rows.is_empty()),
+                    greedy: true,
+                },
+            );
+            let c = program.counters();
+            println!(
+                "qwen3-1.7b W={w} step {age}: {} attention elements ({} units, {} partials, {} chunks) in one copy of {need} of {capacity} staged; {} allocations, {} memsets, {} H2D",
+                arrays.len(),
+                lowered.num_units(),
+                lowered.num_partials(),
+                lowered.chunk_block.len(),
+                c.allocations,
+                c.memsets,
+                c.h2d_copies
+            );
+            assert_eq!((c.allocations, c.memsets, c.h2d_copies), (0, 0, 1));
+            assert!(
+                lowered.num_partials() <= DEFAULT_MAX_STEP_PARTIALS,
+                "W={w}: {} partials outgrow the workspace sized at load",
+                lowered.num_partials()
+            );
+            // Steady decode: a step that fits the host buffers' capacity keeps them.
+            if let Some((data_cap, units_cap)) = caps {
+                if arrays.len() <= data_cap && lowered.units.len() <= units_cap {
+                    assert_eq!(
+                        (arrays.data.capacity(), lowered.units.capacity()),
+                        (data_cap, units_cap),
+                        "W={w} step {age}: host buffers reallocated"
+                    );
+                }
+            }
+            caps = Some((arrays.data.capacity(), lowered.units.capacity()));
+        }
+    }
 }

@@ -55,8 +55,8 @@ pub enum Gemm {
 /// One operation of the fused step, in launch order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    /// The step's inputs (tokens, positions, slots, logit rows, block copies) in one copy
-    /// from the pinned staging buffer.
+    /// The step's inputs (tokens, positions, slots, logit rows, block copies and the
+    /// attention plan's arrays) in one copy from the pinned staging buffer.
     UploadInputs,
     /// Copy-on-write block copies, every layer in one launch (only when the step has some).
     CopyBlocks,
@@ -337,13 +337,36 @@ pub struct PackLayout {
     pub logit_rows: std::ops::Range<usize>,
     /// `[2 * copies]` (src, dst) block pairs of the copy-on-write copies.
     pub copies: std::ops::Range<usize>,
-    /// The attention plan's arrays, laid out by the attention lowering (reserved: the
-    /// lowering being rewritten fills it through [`pack_step`]'s `attention` argument; today
-    /// the attention arrays still travel on their own).
+    /// The attention plan's arrays ([`AttentionArrays`], concatenated): each array's place
+    /// is its [`AttentionRanges`] range shifted by `attention.start`.
     pub attention: std::ops::Range<usize>,
     /// Elements used.
     pub len: usize,
 }
+
+/// Staging elements (`i32`) for steps of up to `rows` rows, the capacity the CUDA backend
+/// allocates at load (pinned host buffer and its device twin): tokens, positions, slots and
+/// logit rows, 256 block copies, and the attention plan's arrays ([`ATTENTION_RESERVE`] plus
+/// [`ATTENTION_RESERVE_PER_ROW`] a row). A step that needs more (kernel v1's per-row chunk
+/// lists of long views, a v2 plan of many chunks or partials) grows it to twice its need:
+/// two counted allocations, once, after which steps of that size allocate nothing.
+pub fn stage_capacity(rows: usize) -> usize {
+    4 * rows + 2 * 256 + ATTENTION_RESERVE_PER_ROW * rows + ATTENTION_RESERVE
+}
+
+/// Staging elements reserved per row for the attention plan's arrays: its row_limit and
+/// row_part_ptr entries, its partials (unit_rows, partial_direct, row_parts, 3 each) and a
+/// share of the units (`UNIT_WIDTH` each).
+pub const ATTENTION_RESERVE_PER_ROW: usize = 64;
+/// Staging elements reserved for the attention arrays whatever the rows: the plan's chunks
+/// (block, start, len: 3 each), e.g. a 4k-token prefix in 16-token blocks takes 768.
+pub const ATTENTION_RESERVE: usize = 16 * 1024;
+
+/// Attention partials the CUDA backend's workspace holds at load by default
+/// (`CudaOptions::max_step_partials`): a W = 64 decode step over a shared 4k prefix lowers to
+/// about 2,100 on 132 SMs (`tests/step_counters.rs`). At `[partials, heads, head_dim]` f32
+/// that is 32 MiB for 16 heads of 128, 64 MiB for 32.
+pub const DEFAULT_MAX_STEP_PARTIALS: usize = 4096;
 
 /// Elements the packed inputs of `step` take, with `attention_len` attention elements.
 pub fn packed_len(step: &super::StepInput, attention_len: usize) -> usize {
@@ -398,6 +421,111 @@ pub fn pack_step(
     })
 }
 
+/// Where each attention array sits in [`AttentionArrays::data`] (and, shifted by
+/// [`PackLayout::attention`]`.start`, in the staging buffer). Arrays a kernel does not use
+/// stay empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttentionRanges {
+    /// `[entries + 1]` CSR over rows (v1 decode) or groups (v1 prefill); `[1]` for v2.
+    pub chunk_indptr: std::ops::Range<usize>,
+    /// `[chunks]` each: block, first slot in the block, length.
+    pub chunk_block: std::ops::Range<usize>,
+    pub chunk_start: std::ops::Range<usize>,
+    pub chunk_len: std::ops::Range<usize>,
+    /// `[rows]` tokens each row sees.
+    pub row_limit: std::ops::Range<usize>,
+    /// v1 prefill: `[groups + 1]` rows of each group, `[tiles]` group and first row of
+    /// each tile.
+    pub q_indptr: std::ops::Range<usize>,
+    pub tile_group: std::ops::Range<usize>,
+    pub tile_row: std::ops::Range<usize>,
+    /// v2: `[units, UNIT_WIDTH]`.
+    pub units: std::ops::Range<usize>,
+    /// v2: `[partials]` each: query row, 1 when the row's only partial.
+    pub unit_rows: std::ops::Range<usize>,
+    pub partial_direct: std::ops::Range<usize>,
+    /// v2: `[rows + 1]` and `[row parts]`: each row's partials in view order.
+    pub row_part_ptr: std::ops::Range<usize>,
+    pub row_parts: std::ops::Range<usize>,
+    /// v2: `[merge rows]`.
+    pub merge_rows: std::ops::Range<usize>,
+}
+
+impl AttentionRanges {
+    /// Every range moved `by` elements on (into the staging buffer's attention slot).
+    pub fn shifted(&self, by: usize) -> Self {
+        let m = |r: &std::ops::Range<usize>| r.start + by..r.end + by;
+        Self {
+            chunk_indptr: m(&self.chunk_indptr),
+            chunk_block: m(&self.chunk_block),
+            chunk_start: m(&self.chunk_start),
+            chunk_len: m(&self.chunk_len),
+            row_limit: m(&self.row_limit),
+            q_indptr: m(&self.q_indptr),
+            tile_group: m(&self.tile_group),
+            tile_row: m(&self.tile_row),
+            units: m(&self.units),
+            unit_rows: m(&self.unit_rows),
+            partial_direct: m(&self.partial_direct),
+            row_part_ptr: m(&self.row_part_ptr),
+            row_parts: m(&self.row_parts),
+            merge_rows: m(&self.merge_rows),
+        }
+    }
+}
+
+/// A step's attention arrays concatenated into one host vector, which [`pack_step`] places
+/// in the staging buffer's attention slot: they travel in the step's one copy. Kept across
+/// steps (cleared, capacity kept) so steady decode does not reallocate it.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionArrays {
+    /// The arrays, back to back.
+    pub data: Vec<i32>,
+}
+
+impl AttentionArrays {
+    /// Empties it for the next step (capacity kept).
+    pub fn clear(&mut self) {
+        self.data.clear();
+    }
+
+    /// Appends `a`; returns where it landed.
+    pub fn push(&mut self, a: &[i32]) -> std::ops::Range<usize> {
+        let start = self.data.len();
+        self.data.extend_from_slice(a);
+        start..self.data.len()
+    }
+
+    /// Appends kernel v2's arrays of `lp` (and a `[1]` zero `chunk_indptr`, which v2 does
+    /// not read); returns their ranges.
+    pub fn push_lowered(&mut self, lp: &crate::plan::lower::LoweredPlan) -> AttentionRanges {
+        AttentionRanges {
+            chunk_indptr: self.push(&[0]),
+            chunk_block: self.push(&lp.chunk_block),
+            chunk_start: self.push(&lp.chunk_start),
+            chunk_len: self.push(&lp.chunk_len),
+            row_limit: self.push(&lp.row_limit),
+            units: self.push(&lp.units),
+            unit_rows: self.push(&lp.unit_rows),
+            partial_direct: self.push(&lp.partial_direct),
+            row_part_ptr: self.push(&lp.row_part_ptr),
+            row_parts: self.push(&lp.row_parts),
+            merge_rows: self.push(&lp.merge_rows),
+            ..Default::default()
+        }
+    }
+
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +561,52 @@ mod tests {
             ..Default::default()
         };
         assert!(pack_step(&big, &[], &mut buf).is_err(), "token beyond i32");
+    }
+
+    #[test]
+    fn attention_arrays_land_at_their_shifted_ranges() {
+        use crate::plan::lower::LoweredPlan;
+        let lp = LoweredPlan {
+            units: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            unit_rows: vec![0, 1],
+            partial_direct: vec![1, 1],
+            row_part_ptr: vec![0, 1, 2],
+            row_parts: vec![0, 1],
+            chunk_block: vec![9],
+            chunk_start: vec![0],
+            chunk_len: vec![5],
+            row_limit: vec![5, 4],
+            ..Default::default()
+        };
+        let mut a = AttentionArrays::default();
+        a.push(&[-7]); // whatever an earlier caller left is cleared
+        a.clear();
+        let r = a.push_lowered(&lp);
+        assert_eq!(a.len(), 1 + 8 + 2 + 2 + 3 + 2 + 3 + 2);
+        assert!(
+            r.merge_rows.is_empty() && r.q_indptr.is_empty(),
+            "unused arrays empty"
+        );
+        let step = crate::backend::StepInput {
+            tokens: vec![1, 2],
+            positions: vec![4, 3],
+            slots: vec![40, 30],
+            ..Default::default()
+        };
+        let mut buf = vec![-1; packed_len(&step, a.len())];
+        let l = pack_step(&step, &a.data, &mut buf).expect("fits");
+        let r = r.shifted(l.attention.start);
+        assert_eq!(l.attention.start, 6);
+        assert_eq!(&buf[r.chunk_indptr.clone()], &[0]);
+        assert_eq!(&buf[r.units.clone()], &lp.units[..]);
+        assert_eq!(&buf[r.unit_rows.clone()], &lp.unit_rows[..]);
+        assert_eq!(&buf[r.partial_direct.clone()], &lp.partial_direct[..]);
+        assert_eq!(&buf[r.row_part_ptr.clone()], &lp.row_part_ptr[..]);
+        assert_eq!(&buf[r.row_parts.clone()], &lp.row_parts[..]);
+        assert_eq!(&buf[r.chunk_block.clone()], &[9]);
+        assert_eq!(&buf[r.chunk_len.clone()], &[5]);
+        assert_eq!(&buf[r.row_limit.clone()], &[5, 4]);
+        assert_eq!(r.row_limit.end.max(r.row_parts.end), l.len);
     }
 
     #[test]

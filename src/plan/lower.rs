@@ -429,6 +429,19 @@ fn round_up(x: u64, m: u64) -> u64 {
 
 /// Lowers `plan` for the v2 kernel (see the module docs).
 pub fn lower(plan: &AttentionPlan, cfg: &LowerConfig) -> Result<LoweredPlan, LowerError> {
+    let mut out = LoweredPlan::default();
+    lower_into(plan, cfg, &mut out)?;
+    Ok(out)
+}
+
+/// [`lower`] into `out`, reusing its vectors (cleared first, capacity kept) so that a
+/// caller lowering every step does not reallocate the output arrays once they have grown to
+/// the largest step. On `Err`, `out` holds a partial lowering and must not be used.
+pub fn lower_into(
+    plan: &AttentionPlan,
+    cfg: &LowerConfig,
+    out: &mut LoweredPlan,
+) -> Result<(), LowerError> {
     if cfg.tile_tokens == 0 || cfg.cta_rows == 0 || cfg.gqa == 0 || cfg.num_kv_heads == 0 {
         return Err(LowerError::Config(format!(
             "tile {} tokens, {} rows per CTA, gqa {}, {} kv heads: all must be positive",
@@ -533,13 +546,25 @@ pub fn lower(plan: &AttentionPlan, cfg: &LowerConfig) -> Result<LoweredPlan, Low
     };
 
     // Units, partials, and each plan partial's lowered partials (in split order).
-    let mut out = LoweredPlan {
-        num_rows: plan.num_rows,
-        split_tokens: split as usize,
-        forked_items,
-        per_thread_items,
-        ..Default::default()
-    };
+    out.num_rows = plan.num_rows;
+    out.split_tokens = split as usize;
+    out.forked_items = forked_items;
+    out.per_thread_items = per_thread_items;
+    out.tokens_staged = 0;
+    for v in [
+        &mut out.units,
+        &mut out.unit_rows,
+        &mut out.partial_direct,
+        &mut out.row_part_ptr,
+        &mut out.row_parts,
+        &mut out.merge_rows,
+        &mut out.chunk_block,
+        &mut out.chunk_start,
+        &mut out.chunk_len,
+        &mut out.row_limit,
+    ] {
+        v.clear();
+    }
     let mut lowered_of: Vec<Vec<i32>> = vec![Vec::new(); plan.item_rows.len()];
     let mut splits_of: Vec<Option<Vec<Split>>> = vec![None; items];
     for g in &groups {
@@ -609,7 +634,7 @@ pub fn lower(plan: &AttentionPlan, cfg: &LowerConfig) -> Result<LoweredPlan, Low
         out.row_part_ptr
             .push(fit("partials", out.row_parts.len() as u64)?);
     }
-    out.partial_direct = vec![0; out.unit_rows.len()];
+    out.partial_direct.resize(out.unit_rows.len(), 0);
     for r in 0..plan.num_rows {
         let (a, b) = (
             out.row_part_ptr[r] as usize,
@@ -626,8 +651,9 @@ pub fn lower(plan: &AttentionPlan, cfg: &LowerConfig) -> Result<LoweredPlan, Low
         out.chunk_start.push(fit("chunk start", c.start as u64)?);
         out.chunk_len.push(fit("chunk len", c.len as u64)?);
     }
-    out.row_limit = plan.row_limit.iter().map(|&l| l as i32).collect();
-    Ok(out)
+    out.row_limit
+        .extend(plan.row_limit.iter().map(|&l| l as i32));
+    Ok(())
 }
 
 /// Shapes for [`interpret`]: the K/V cache is `[num_blocks, block_size, num_kv_heads,

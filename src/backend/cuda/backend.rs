@@ -7,8 +7,9 @@
 //!   `[num_blocks, block_size, kv_heads, head_dim]`. Its size is either given in blocks or a
 //!   fraction (default 0.9) of the device memory still free after the weights
 //!   ([`KvPoolSize`]); [`CudaBackend::pool`] reports what was chosen.
-//! - [`Backend::begin_step`] uploads the step's tokens, positions, slots and the attention
-//!   plan once, and runs the step's copy-on-write block copies (all layers in one launch).
+//! - [`Backend::begin_step`] sends the step's tokens, positions, slots and the lowered
+//!   attention plan's arrays in one packed copy (the kernels read them as ranges of it),
+//!   and runs the step's copy-on-write block copies (all layers in one launch).
 //! - Attention, kernel v2 (the default): the plan is lowered as the engine built it
 //!   (`plan::lower`: work units over items and splits, per-row partial CSR) and
 //!   `forked_attention` stages each unit's K/V once for every row it serves, prefill and
@@ -43,12 +44,13 @@ use super::weights::{
 use super::{Blas, CudaError, Gpu};
 use crate::backend::profile::profile_steps;
 use crate::backend::step_program::{
-    pack_step, packed_len, ArenaLayout, Gemm, Op, PackLayout, StepCounters, StepProgram, StepShape,
+    pack_step, packed_len, stage_capacity, ArenaLayout, AttentionArrays, AttentionRanges, Gemm, Op,
+    PackLayout, StepCounters, StepProgram, StepShape,
 };
 use crate::backend::weights::Weights;
 use crate::backend::{Backend, StepInput, Weight};
 use crate::error::{Result, SpindleError};
-use crate::plan::lower::{lower, LowerConfig, UNIT_WIDTH};
+use crate::plan::lower::{lower_into, LowerConfig, LoweredPlan, UNIT_WIDTH};
 
 /// Maps a cudarc driver error into the crate's error type.
 pub(super) fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
@@ -83,48 +85,27 @@ impl AttnKernel {
     }
 }
 
-/// Which attention kernel a step uses, with its device arrays.
+/// Which attention kernel a step uses (its arrays are ranges of the staging buffer:
+/// [`StepBufs::attn`]).
 pub(super) enum AttnLaunch {
     /// One CSR entry per row.
     Decode { max_view: usize },
     /// Rows in groups sharing one chunk list; tiles planned on the host.
-    Prefill {
-        q_indptr: CudaSlice<i32>,
-        tile_group: CudaSlice<i32>,
-        tile_row: CudaSlice<i32>,
-        num_tiles: usize,
-        num_groups: usize,
-    },
-    /// Kernel v2 over the lowered plan (the chunk and row_limit arrays of [`StepBufs`]).
-    Forked {
-        units: CudaSlice<i32>,
-        num_units: usize,
-        unit_rows: CudaSlice<i32>,
-        partial_direct: CudaSlice<i32>,
-        num_partials: usize,
-        row_part_ptr: CudaSlice<i32>,
-        row_parts: CudaSlice<i32>,
-        num_row_parts: usize,
-        merge_rows: CudaSlice<i32>,
-        num_merge_rows: usize,
-    },
+    Prefill,
+    /// Kernel v2 over the lowered plan.
+    Forked,
 }
 
-/// The current step's inputs on the device. Buffers hold at least one element; the
-/// lengths are kept alongside.
+/// The current step's inputs on the device: every array is a range of the staging
+/// buffer's device twin (`stage_d`), filled by the step's one host-to-device copy.
 pub(super) struct StepBufs {
     rows: usize,
-    /// Where tokens, positions, slots, logit rows and block pairs sit in `stage_d`.
+    /// Where tokens, positions, slots, logit rows, block pairs and the attention arrays sit
+    /// in `stage_d`.
     pack: PackLayout,
     num_logit_rows: usize,
-    /// CSR over rows (decode) or groups (prefill).
-    chunk_indptr: CudaSlice<i32>,
-    num_entries: usize,
-    chunk_block: CudaSlice<i32>,
-    chunk_start: CudaSlice<i32>,
-    chunk_len: CudaSlice<i32>,
-    num_chunks: usize,
-    row_limit: CudaSlice<i32>,
+    /// The attention arrays' ranges in `stage_d` (already shifted into `pack.attention`).
+    attn: AttentionRanges,
     launch: AttnLaunch,
 }
 
@@ -161,8 +142,10 @@ pub struct CudaBackend {
     kv_tokens_read: u64,
     /// What the backend has done to the device since load (see [`CudaBackend::counters`]).
     counters: StepCounters,
-    /// Host-to-device copies of the attention arrays, which still travel on their own.
-    attention_uploads: u64,
+    /// The step's attention arrays on the host before packing (kept across steps).
+    attn_host: AttentionArrays,
+    /// Kernel v2's lowering of the step's plan (kept across steps: `lower_into`).
+    lowered: LoweredPlan,
     /// Activation buffers of the fused step, sized at load.
     arena: Arena,
     /// `[capacity]` pinned staging buffer of the packed step inputs, and its device twin.
@@ -234,16 +217,6 @@ impl Arena {
     }
 }
 
-/// Staging elements for steps of up to `rows` rows: tokens, positions, slots and logit rows,
-/// 256 block copies, and a reserve for the attention plan's arrays.
-fn stage_capacity(rows: usize) -> usize {
-    4 * rows + 2 * 256 + ATTENTION_RESERVE_PER_ROW * rows + 1024
-}
-
-/// Staging elements reserved per row for the attention plan's arrays (the slot the new
-/// lowering packs into).
-const ATTENTION_RESERVE_PER_ROW: usize = 8;
-
 impl CudaBackend {
     /// Opens device `opts.device`, uploads the checkpoint's weights as bf16 and allocates
     /// the K/V pool (see [`KvPoolSize`]). Fails with [`SpindleError::Device`] when there is no
@@ -302,6 +275,9 @@ impl CudaBackend {
         let layout = ArenaLayout::new(&cfg, rows, opts.max_logit_rows.clamp(1, rows));
         let arena = Arena::new(&stream, layout, &mut counters)?;
         let (stage_h, stage_d) = alloc_stage(&gpu, stage_capacity(rows), &mut counters)?;
+        // Split-KV / v2 partials, sized for `max_step_partials` so the first long step does
+        // not allocate (its allocations and memsets count in `counters()`).
+        let ws = DecodeWorkspace::with_partials(&stream, opts.max_step_partials, heads, hd)?;
         drv(stream.synchronize())?;
 
         // K/V pool.
@@ -358,12 +334,13 @@ impl CudaBackend {
             w,
             k_cache,
             v_cache,
-            ws: DecodeWorkspace::new(),
+            ws,
             dummy,
             step: None,
             kv_tokens_read: 0,
             counters,
-            attention_uploads: 0,
+            attn_host: AttentionArrays::default(),
+            lowered: LoweredPlan::default(),
             arena,
             stage_h,
             stage_d,
@@ -385,13 +362,6 @@ impl CudaBackend {
             memsets: self.counters.memsets + ws,
             ..self.counters
         }
-    }
-
-    /// Host-to-device copies of attention-plan arrays since load (they still travel on
-    /// their own, outside [`CudaBackend::counters`], until the attention lowering packs them
-    /// into the staging buffer's attention slot).
-    pub fn attention_uploads(&self) -> u64 {
-        self.attention_uploads
     }
 
     /// The shape of the step in progress, as its program needs it.
@@ -656,6 +626,7 @@ impl CudaBackend {
                 };
                 launches = attend(
                     &stream,
+                    stage,
                     s,
                     &cache,
                     &a.q.slice(0..rows * qd),
@@ -728,7 +699,7 @@ impl CudaBackend {
     /// Grows the staging buffers to hold `need` elements (counted allocations).
     fn ensure_stage(&mut self, rows: usize, need: usize) -> Result<()> {
         if need > self.stage_h.len() {
-            let cap = need.max(stage_capacity(rows));
+            let cap = (2 * need).max(stage_capacity(rows));
             let (h, d) = alloc_stage(&self.gpu, cap, &mut self.counters)?;
             self.stage_h = h;
             self.stage_d = d;
@@ -847,57 +818,44 @@ impl CudaBackend {
     }
 }
 
-/// A step's attention arrays on the device (the attention part of [`StepBufs`]).
-pub(super) struct StepAttn {
-    num_entries: usize,
-    chunk_indptr: CudaSlice<i32>,
-    num_chunks: usize,
-    chunk_block: CudaSlice<i32>,
-    chunk_start: CudaSlice<i32>,
-    chunk_len: CudaSlice<i32>,
-    row_limit: CudaSlice<i32>,
-    launch: AttnLaunch,
-}
-
 impl CudaBackend {
-    /// Kernel v1's arrays: the plan unpacked into per-row (or per-group) chunk lists.
-    fn attention_v1(&mut self, step: &StepInput, gqa: usize) -> Result<StepAttn> {
-        let stream = self.stream().clone();
+    /// Kernel v1's arrays, appended to `attn_host`: the plan unpacked into per-row (or
+    /// per-group) chunk lists, and the prefill tiles.
+    fn attention_v1(
+        &mut self,
+        step: &StepInput,
+        gqa: usize,
+    ) -> Result<(AttentionRanges, AttnLaunch)> {
         let (nb, bs) = (self.pool.num_blocks, self.pool.block_size);
         let prefill_ok = self.opts.use_prefill_kernel && kern::prefill_rows_per_tile(gqa) > 0;
         let h = host_attention(step, nb, bs, prefill_ok)?;
+        let a = &mut self.attn_host;
+        let mut r = AttentionRanges {
+            chunk_indptr: a.push(&h.indptr),
+            chunk_block: a.push(&h.block),
+            chunk_start: a.push(&h.start),
+            chunk_len: a.push(&h.len),
+            row_limit: a.push(&h.row_limit),
+            ..Default::default()
+        };
         let launch = match &h.groups {
             Some(q_indptr) => {
                 let plan = kern::prefill_plan(q_indptr, gqa)?;
-                self.attention_uploads += 3;
-                AttnLaunch::Prefill {
-                    num_tiles: plan.tile_group.len(),
-                    num_groups: q_indptr.len() - 1,
-                    q_indptr: upload(&stream, q_indptr)?,
-                    tile_group: upload(&stream, &plan.tile_group)?,
-                    tile_row: upload(&stream, &plan.tile_row)?,
-                }
+                r.q_indptr = a.push(q_indptr);
+                r.tile_group = a.push(&plan.tile_group);
+                r.tile_row = a.push(&plan.tile_row);
+                AttnLaunch::Prefill
             }
             None => AttnLaunch::Decode {
                 max_view: h.max_view,
             },
         };
-        self.attention_uploads += 5;
-        Ok(StepAttn {
-            num_entries: h.indptr.len() - 1,
-            chunk_indptr: upload(&stream, &h.indptr)?,
-            num_chunks: h.block.len(),
-            chunk_block: upload(&stream, &h.block)?,
-            chunk_start: upload(&stream, &h.start)?,
-            chunk_len: upload(&stream, &h.len)?,
-            row_limit: upload(&stream, &h.row_limit)?,
-            launch,
-        })
+        Ok((r, launch))
     }
 
-    /// Kernel v2's arrays: the plan lowered as built (`plan::lower`).
-    fn attention_v2(&mut self, step: &StepInput) -> Result<StepAttn> {
-        let stream = self.stream().clone();
+    /// Kernel v2's arrays, appended to `attn_host`: the plan lowered as built
+    /// (`plan::lower_into`, into the lowering kept across steps).
+    fn attention_v2(&mut self, step: &StepInput) -> Result<(AttentionRanges, AttnLaunch)> {
         let mut cfg = LowerConfig::new(
             self.cfg.num_heads,
             self.cfg.num_kv_heads,
@@ -905,30 +863,12 @@ impl CudaBackend {
             self.pool.block_size,
         );
         cfg.num_sms = self.num_sms;
-        let lp = lower(&step.plan, &cfg)
+        lower_into(&step.plan, &cfg, &mut self.lowered)
             .map_err(|e| backend_err(format!("malformed attention plan: {e}")))?;
-        self.attention_uploads += 11;
-        Ok(StepAttn {
-            num_entries: 0,
-            chunk_indptr: upload(&stream, &[0i32])?,
-            num_chunks: lp.chunk_block.len(),
-            chunk_block: upload(&stream, &lp.chunk_block)?,
-            chunk_start: upload(&stream, &lp.chunk_start)?,
-            chunk_len: upload(&stream, &lp.chunk_len)?,
-            row_limit: upload(&stream, &lp.row_limit)?,
-            launch: AttnLaunch::Forked {
-                units: upload(&stream, &lp.units)?,
-                num_units: lp.num_units(),
-                unit_rows: upload(&stream, &lp.unit_rows)?,
-                partial_direct: upload(&stream, &lp.partial_direct)?,
-                num_partials: lp.num_partials(),
-                row_part_ptr: upload(&stream, &lp.row_part_ptr)?,
-                row_parts: upload(&stream, &lp.row_parts)?,
-                num_row_parts: lp.row_parts.len(),
-                merge_rows: upload(&stream, &lp.merge_rows)?,
-                num_merge_rows: lp.merge_rows.len(),
-            },
-        })
+        Ok((
+            self.attn_host.push_lowered(&self.lowered),
+            AttnLaunch::Forked,
+        ))
     }
 }
 
@@ -994,22 +934,30 @@ impl Backend for CudaBackend {
         }
         let stream = self.stream().clone();
 
-        // Tokens, positions, slots, logit rows and block pairs: packed into the pinned
-        // staging buffer, one async copy. The attention slot stays empty until the attention
-        // lowering packs its arrays there (they are uploaded below meanwhile).
-        let need = packed_len(step, 0);
-        self.ensure_stage(rows, need)?;
+        // The attention arrays first (into `attn_host`, kept across steps), then everything
+        // packed into the pinned staging buffer: tokens, positions, slots, logit rows, block
+        // pairs and the attention arrays travel in one async copy.
+        self.attn_host.clear();
+        let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let (attn, launch) = match self.attn_kernel {
+            AttnKernel::V1 => self.attention_v1(step, gqa)?,
+            AttnKernel::V2 => self.attention_v2(step)?,
+        };
+        let need = packed_len(step, self.attn_host.len());
         // The previous step's copy out of the staging buffer must be done before it is
-        // overwritten (a step without logits ends without a synchronisation).
+        // overwritten or, when this step grows it, freed (a step without logits ends
+        // without a synchronisation).
         drv(self.staged.synchronize())?;
+        self.ensure_stage(rows, need)?;
         let host = drv(self.stage_h.as_mut_slice())?;
-        let pack = pack_step(step, &[], host)?;
+        let pack = pack_step(step, &self.attn_host.data, host)?;
         if pack.len > 0 {
             let src = &drv(self.stage_h.as_slice())?[..pack.len];
             drv(stream.memcpy_htod(src, &mut self.stage_d.slice_mut(0..pack.len)))?;
             drv(self.staged.record(&stream))?;
             self.counters.h2d_copies += 1;
         }
+        let attn = attn.shifted(pack.attention.start);
 
         // Copy-on-write block copies, every layer in one launch.
         if !step.copies.is_empty() {
@@ -1029,24 +977,13 @@ impl Backend for CudaBackend {
             self.counters.launches += 1;
         }
 
-        let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let attn = match self.attn_kernel {
-            AttnKernel::V1 => self.attention_v1(step, gqa)?,
-            AttnKernel::V2 => self.attention_v2(step)?,
-        };
         self.kv_tokens_read += step.plan.kv_tokens_read * self.cfg.num_layers as u64;
         self.step = Some(StepBufs {
             rows,
             pack,
             num_logit_rows: step.logit_rows.len(),
-            num_entries: attn.num_entries,
-            chunk_indptr: attn.chunk_indptr,
-            num_chunks: attn.num_chunks,
-            chunk_block: attn.chunk_block,
-            chunk_start: attn.chunk_start,
-            chunk_len: attn.chunk_len,
-            row_limit: attn.row_limit,
-            launch: attn.launch,
+            attn,
+            launch,
         });
         Ok(())
     }
@@ -1237,6 +1174,7 @@ impl Backend for CudaBackend {
         };
         let n = attend(
             &stream,
+            &self.stage_d,
             s,
             &cache,
             &q.view(),
@@ -1309,11 +1247,13 @@ impl Backend for CudaBackend {
 }
 
 /// Attention of `q` over one layer's cache per the step's lowered plan (kernel v1's decode
-/// or prefill kernel, or kernel v2); returns the launches made (split-KV decode and v2 merge
-/// partials in a second).
+/// or prefill kernel, or kernel v2), its arrays read from `stage` (the staging buffer's
+/// device twin) at the step's ranges; returns the launches made (split-KV decode and v2
+/// merge partials in a second).
 #[allow(clippy::too_many_arguments)]
 fn attend(
     stream: &Arc<CudaStream>,
+    stage: &CudaSlice<i32>, // [capacity] packed step inputs
     s: &StepBufs,
     cache: &KvCache<'_>,
     q: kern::In<'_, bf16>,    // [rows, heads * head_dim]
@@ -1323,12 +1263,13 @@ fn attend(
     partition_size: usize,
     ws: &mut DecodeWorkspace,
 ) -> Result<u64> {
-    let nc = s.num_chunks;
+    let a = &s.attn;
+    let at = |r: &std::ops::Range<usize>| stage.slice(r.clone());
     let (ib, cb, cs, cl) = (
-        s.chunk_indptr.slice(0..s.num_entries + 1),
-        s.chunk_block.slice(0..nc),
-        s.chunk_start.slice(0..nc),
-        s.chunk_len.slice(0..nc),
+        at(&a.chunk_indptr),
+        at(&a.chunk_block),
+        at(&a.chunk_start),
+        at(&a.chunk_len),
     );
     let chunks = Chunks {
         indptr: &ib,
@@ -1336,7 +1277,7 @@ fn attend(
         start: &cs,
         len: &cl,
     };
-    let row_limit = s.row_limit.slice(0..s.rows);
+    let row_limit = at(&a.row_limit); // [rows]
     let scale = 1.0 / (hd as f32).sqrt();
     Ok(match &s.launch {
         AttnLaunch::Decode { max_view } => {
@@ -1360,50 +1301,27 @@ fn attend(
                 1
             }
         }
-        AttnLaunch::Prefill {
-            q_indptr,
-            tile_group,
-            tile_row,
-            num_tiles,
-            num_groups,
-        } => {
+        AttnLaunch::Prefill => {
             kern::prefill_attention(
                 stream,
                 q,
                 cache,
-                &q_indptr.slice(0..num_groups + 1),
+                &at(&a.q_indptr),
                 &chunks,
                 &row_limit,
-                &tile_group.slice(0..*num_tiles),
-                &tile_row.slice(0..*num_tiles),
+                &at(&a.tile_group),
+                &at(&a.tile_row),
                 out,
                 heads,
                 scale,
             )?;
             1
         }
-        AttnLaunch::Forked {
-            units,
-            num_units,
-            unit_rows,
-            partial_direct,
-            num_partials,
-            row_part_ptr,
-            row_parts,
-            num_row_parts,
-            merge_rows,
-            num_merge_rows,
-        } => {
-            let (un, ur, pd) = (
-                units.slice(0..num_units * UNIT_WIDTH),
-                unit_rows.slice(0..*num_partials),
-                partial_direct.slice(0..*num_partials),
-            );
-            let (rp, rps, mr) = (
-                row_part_ptr.slice(0..s.rows + 1),
-                row_parts.slice(0..*num_row_parts),
-                merge_rows.slice(0..*num_merge_rows),
-            );
+        AttnLaunch::Forked => {
+            let num_units = a.units.len() / UNIT_WIDTH;
+            let num_merge_rows = a.merge_rows.len();
+            let (un, ur, pd) = (at(&a.units), at(&a.unit_rows), at(&a.partial_direct));
+            let (rp, rps, mr) = (at(&a.row_part_ptr), at(&a.row_parts), at(&a.merge_rows));
             let plan = ForkedPlan {
                 units: &un,
                 unit_rows: &ur,
@@ -1418,7 +1336,7 @@ fn attend(
             };
             kern::forked_attention(stream, q, cache, &plan, out, heads, scale, ws)?;
             // The item kernel, then the merge kernel for rows with several partials.
-            u64::from(s.rows > 0 && *num_units > 0) + u64::from(s.rows > 0 && *num_merge_rows > 0)
+            u64::from(s.rows > 0 && num_units > 0) + u64::from(s.rows > 0 && num_merge_rows > 0)
         }
     })
 }

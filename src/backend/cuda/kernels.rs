@@ -190,6 +190,22 @@ impl DecodeWorkspace {
         Self::default()
     }
 
+    /// A workspace allocated now for `partials` partials of `num_q_heads` heads of
+    /// `head_dim` (`[partials, heads, head_dim]` and `[partials, heads]` f32, zero-filled:
+    /// two allocations and two memsets, counted in [`DecodeWorkspace::allocations`]), so
+    /// that steps within that size allocate nothing.
+    pub fn with_partials(
+        stream: &Arc<CudaStream>,
+        partials: usize,
+        num_q_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let lse_len = (partials * num_q_heads).max(1);
+        let mut ws = Self::default();
+        ws.ensure(stream, lse_len * head_dim.max(1), lse_len)?;
+        Ok(ws)
+    }
+
     fn ensure(&mut self, stream: &Arc<CudaStream>, o_len: usize, lse_len: usize) -> Result<()> {
         if self.part_o.as_ref().is_none_or(|b| b.len() < o_len) {
             self.part_o = Some(stream.alloc_zeros::<f32>(o_len)?);

@@ -29,6 +29,12 @@ pub struct CudaOptions {
     pub max_step_rows: usize,
     /// Rows whose logits one step may want, for the arena's f32 logits buffer.
     pub max_logit_rows: usize,
+    /// Attention partials (rows x KV splits for split-KV decode, lowered partials for
+    /// kernel v2) the attention workspace holds at load (`[partials, heads, head_dim]` f32
+    /// and `[partials, heads]` f32): a step that needs more grows it once (counted
+    /// allocation and memset each buffer). Default
+    /// [`crate::backend::step_program::DEFAULT_MAX_STEP_PARTIALS`].
+    pub max_step_partials: usize,
     /// Run whole steps as the fused program (`StepProgram`); `false`: the op-by-op layer
     /// loop (every op allocates its output), for debugging.
     pub fused_step: bool,
@@ -44,6 +50,7 @@ impl Default for CudaOptions {
             use_prefill_kernel: true,
             max_step_rows: 4096,
             max_logit_rows: 256,
+            max_step_partials: crate::backend::step_program::DEFAULT_MAX_STEP_PARTIALS,
             fused_step: true,
         }
     }

@@ -591,3 +591,35 @@ fn interpreter_notices_a_wrong_chunk_offset() {
     let bad = interpret(&lp, &q, &k, &v, shape);
     assert!(!close(&bad));
 }
+
+#[test]
+fn lower_into_reuses_its_output_and_matches_lower() {
+    let mut g = TreeGen {
+        rng: Rng::new(0x5eed_0014),
+        block_size: 16,
+        next_block: 0,
+    };
+    // One output reused over cases of varied sizes: whatever a larger earlier case left in
+    // the vectors must not survive into a smaller one.
+    let mut reused = LoweredPlan::default();
+    let mut shrank = false;
+    let mut last_units = 0usize;
+    for case_no in 0..24 {
+        g.next_block = 0;
+        let case = random_case(&mut g);
+        let plan = AttentionPlan::build(&case.threads, AttentionMode::Forked, 0);
+        let mut c = LowerConfig::new(8, 2, case.num_blocks, 16);
+        c.num_sms = 1 + g.below(8) as usize;
+        let fresh = lower(&plan, &c).unwrap_or_else(|e| panic!("case {case_no}: {e}"));
+        lower_into(&plan, &c, &mut reused).unwrap_or_else(|e| panic!("case {case_no}: {e}"));
+        assert_eq!(reused, fresh, "case {case_no}");
+        shrank |= fresh.units.len() < last_units;
+        last_units = fresh.units.len();
+    }
+    assert!(shrank, "some case must be smaller than the one before it");
+    let units_cap = reused.units.capacity();
+    let plan = AttentionPlan::build(&[], AttentionMode::Forked, 0);
+    lower_into(&plan, &cfg(1, 16), &mut reused).expect("empty plan");
+    assert_eq!(reused, lower(&plan, &cfg(1, 16)).expect("empty plan"));
+    assert_eq!(reused.units.capacity(), units_cap, "capacity kept");
+}
