@@ -50,7 +50,7 @@ use crate::backend::step_program::{
 use crate::backend::weights::Weights;
 use crate::backend::{Backend, StepInput, Weight};
 use crate::error::{Result, SpindleError};
-use crate::plan::lower::{lower_into, LowerConfig, LoweredPlan, UNIT_WIDTH};
+use crate::plan::lower::{lower, lower_into, LowerConfig, LoweredPlan, UNIT_WIDTH};
 
 /// Maps a cudarc driver error into the crate's error type.
 pub(super) fn drv<T>(r: std::result::Result<T, DriverError>) -> Result<T> {
@@ -372,6 +372,11 @@ impl CudaBackend {
             {
                 2
             }
+            AttnLaunch::Forked => forked_launches(
+                s.rows,
+                s.attn.units.len() / UNIT_WIDTH,
+                s.attn.merge_rows.len(),
+            ),
             _ => 1,
         };
         StepShape {
@@ -386,12 +391,23 @@ impl CudaBackend {
     /// The program the fused step runs for `step` (lowers its attention plan on the host;
     /// nothing is launched).
     pub fn step_program(&self, step: &StepInput) -> Result<StepProgram> {
-        let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let prefill_ok = self.opts.use_prefill_kernel && kern::prefill_rows_per_tile(gqa) > 0;
-        let h = host_attention(step, self.pool.num_blocks, self.pool.block_size, prefill_ok)?;
-        let attention_launches = match h.groups {
-            None if kern::decode_num_splits(h.max_view, self.opts.partition_size) > 1 => 2,
-            _ => 1,
+        let attention_launches = match self.attn_kernel {
+            AttnKernel::V1 => {
+                let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
+                let prefill_ok =
+                    self.opts.use_prefill_kernel && kern::prefill_rows_per_tile(gqa) > 0;
+                let h =
+                    host_attention(step, self.pool.num_blocks, self.pool.block_size, prefill_ok)?;
+                match h.groups {
+                    None if kern::decode_num_splits(h.max_view, self.opts.partition_size) > 1 => 2,
+                    _ => 1,
+                }
+            }
+            AttnKernel::V2 => {
+                let lp = lower(&step.plan, &self.lower_config())
+                    .map_err(|e| backend_err(format!("malformed attention plan: {e}")))?;
+                forked_launches(step.tokens.len(), lp.num_units(), lp.merge_rows.len())
+            }
         };
         Ok(StepProgram::build(
             &self.cfg,
@@ -853,9 +869,8 @@ impl CudaBackend {
         Ok((r, launch))
     }
 
-    /// Kernel v2's arrays, appended to `attn_host`: the plan lowered as built
-    /// (`plan::lower_into`, into the lowering kept across steps).
-    fn attention_v2(&mut self, step: &StepInput) -> Result<(AttentionRanges, AttnLaunch)> {
+    /// How kernel v2's lowering cuts this model's plans on this GPU.
+    fn lower_config(&self) -> LowerConfig {
         let mut cfg = LowerConfig::new(
             self.cfg.num_heads,
             self.cfg.num_kv_heads,
@@ -863,6 +878,13 @@ impl CudaBackend {
             self.pool.block_size,
         );
         cfg.num_sms = self.num_sms;
+        cfg
+    }
+
+    /// Kernel v2's arrays, appended to `attn_host`: the plan lowered as built
+    /// (`plan::lower_into`, into the lowering kept across steps).
+    fn attention_v2(&mut self, step: &StepInput) -> Result<(AttentionRanges, AttnLaunch)> {
+        let cfg = self.lower_config();
         lower_into(&step.plan, &cfg, &mut self.lowered)
             .map_err(|e| backend_err(format!("malformed attention plan: {e}")))?;
         Ok((
@@ -1335,8 +1357,13 @@ fn attend(
                 merge_rows: &mr,
             };
             kern::forked_attention(stream, q, cache, &plan, out, heads, scale, ws)?;
-            // The item kernel, then the merge kernel for rows with several partials.
-            u64::from(s.rows > 0 && num_units > 0) + u64::from(s.rows > 0 && num_merge_rows > 0)
+            forked_launches(s.rows, num_units, num_merge_rows)
         }
     })
+}
+
+/// Launches kernel v2 makes for one layer: the item kernel, then the merge kernel when some
+/// row has several partials (or none).
+fn forked_launches(rows: usize, units: usize, merge_rows: usize) -> u64 {
+    u64::from(rows > 0 && units > 0) + u64::from(rows > 0 && merge_rows > 0)
 }
