@@ -12,7 +12,8 @@
 //!   are not implemented yet, so every row has `graphs` = off.
 //!
 //! Random weights and an unwritten (zero) prefix cache: the timing depends on shapes only.
-//! Writes `target/bench/decode.csv` (`SPINDLE_BENCH_DIR` overrides) with the columns
+//! Writes `target/bench/decode.csv` (`SPINDLE_BENCH_DIR` overrides; the checkpoints go to
+//! `SPINDLE_SCRATCH/decode-models` when it is set) with the columns
 //! `model,device,threads,prefix,graphs,ms_per_step,tokens_per_s`.
 
 use model_loader::{generate_checkpoint, Arch, Checkpoint, Preset};
@@ -145,7 +146,12 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/bench"));
     std::fs::create_dir_all(&out_dir).expect("bench dir");
-    let models = out_dir.join("decode-models");
+    // The random checkpoints (gigabytes at the GPU shapes) go to SPINDLE_SCRATCH when set
+    // (the GPU bundle's scratch space), so they never travel with the results.
+    let models = std::env::var_os("SPINDLE_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| out_dir.clone())
+        .join("decode-models");
     let mut rows = Vec::new();
 
     // CPU, tiny shape.

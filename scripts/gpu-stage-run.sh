@@ -12,10 +12,12 @@
 #   2. smoke: one kernel test (kv_write) with CUDA_LAUNCH_BLOCKING=1
 #   3. kernel tests with CUDA_LAUNCH_BLOCKING=1 (an asynchronous fault is blamed on the
 #      launch that caused it)
-#   4. engine tests (split decode, grouped prefill and block copies run only there)
+#   4. engine tests (split decode, grouped prefill and block copies run only there), then
+#      the fixtures' parity cases on the CPU and CUDA backends
 #   5. memcheck over the kernel tests and over the engine's CPU-vs-CUDA tests
 #   6. racecheck over the attention kernel tests
-#   7. the gpu_attention benchmark (its CSV lands in $OUT)
+#   7. the gpu_attention benchmark, kernel v1 beside v2 (its CSV lands in $OUT)
+#   8. the decode benchmark, whole steps at the 0.6b and 1.7b shapes (CSV in $OUT)
 #
 # Every step ends PASS, FAIL or SKIP (no GPU). The first line of $OUT/summary.txt is the
 # verdict: PASS only when a GPU was found and every step passed; FAIL with the failed steps;
@@ -24,7 +26,8 @@
 # nvidia-smi) SPINDLE_REQUIRE_GPU=1 is exported, so a test that cannot reach the GPU fails
 # instead of printing SKIPPED, and a SKIPPED line still seen there fails its step.
 #
-# Knobs: OUT (logs; default ./gpu-out), GPU_RUN_BUDGET_S, BENCH_ARGS (default --quick),
+# Knobs: OUT (logs; default ./gpu-out), GPU_RUN_BUDGET_S, BENCH_ARGS and DECODE_ARGS
+# (default --quick),
 # GPU_RUN_EXPECT_GPU=1 (finding no GPU is a failure: set it on the device),
 # GPU_RUN_ASSUME_GPU=1 and GPU_RUN_CUBLAS_DIRS=dir:dir (used by scripts/gpu-run-selftest to
 # plant failures: behave as on a GPU machine; search only these folders for cuBLAS).
@@ -43,11 +46,13 @@ ENVLOG="$OUT/machine.txt"   # detection, nvidia-smi, ldd, tool paths
 TESTLOG="$OUT/tests.txt"    # smoke, kernel and engine tests
 SANLOG="$OUT/sanitizers.txt"
 BENCHLOG="$OUT/bench.txt"
+DECODELOG="$OUT/bench-decode.txt"
 SUMMARY="$OUT/summary.txt"
 : >"$ENVLOG"
 : >"$TESTLOG"
 : >"$SANLOG"
 : >"$BENCHLOG"
+: >"$DECODELOG"
 : >"$TMP/steps"
 
 FAILS=()
@@ -317,6 +322,8 @@ san_step() {
 K="$STAGE/bin/gpu_kernels"
 E="$STAGE/bin/gpu_engine"
 B="$STAGE/bin/gpu_attention"
+P="$STAGE/bin/parity"
+D="$STAGE/bin/decode"
 T=(--nocapture --test-threads=1)
 
 if [ -z "$STOPPED" ]; then
@@ -326,8 +333,9 @@ if [ -z "$STOPPED" ]; then
     # 3. every kernel test, synchronous launches.
     test_step "kernel tests (CUDA_LAUNCH_BLOCKING=1)" 75 "$TESTLOG" \
         env CUDA_LAUNCH_BLOCKING=1 "$K" "${T[@]}"
-    # 4. the engine on the GPU.
+    # 4. the engine on the GPU, then the fixtures' parity cases on both backends.
     test_step "engine tests" 75 "$TESTLOG" "$E" "${T[@]}"
+    test_step "parity tests (CPU and CUDA)" 40 "$TESTLOG" "$P" "${T[@]}"
     # 5. memcheck: kernels, then the engine's CPU-vs-CUDA programs (split decode with small
     #    partitions, grouped prefill, copy-on-write block copies).
     SPINDLE_FORKED_CASES=6 san_step "memcheck kernel tests" 75 memcheck "$K" \
@@ -356,6 +364,26 @@ if [ -z "$STOPPED" ]; then
     else
         pass "$bench_name" "$(grep -cE "$rows_re" "$BENCHLOG") shapes"
     fi
+    # 8. whole decode steps (DECODE_ARGS, default --quick; 0.6b and 1.7b shapes, their
+    #    random checkpoints written first; CSV to $OUT).
+    bench_name="bench decode"
+    rc=0
+    # shellcheck disable=SC2086
+    run_capped 90 "$DECODELOG" "$D" ${DECODE_ARGS:---quick} || rc=$?
+    if [ "$rc" != 0 ]; then
+        fail "$bench_name" "exit $rc; $(grep -m1 -E 'decode:|rror' "$DECODELOG" | cut -c1-200)"
+    elif grep -q 'SKIPPED the GPU' "$DECODELOG"; then
+        if [ "$HAVE_GPU" = 1 ]; then
+            fail "$bench_name" "skipped the GPU shapes on a GPU machine"
+        else
+            skip_nogpu "$bench_name" "printed SKIPPED"
+        fi
+    elif ! grep -qE '^[0-9a-z.]+ +cuda ' "$DECODELOG"; then
+        fail "$bench_name" "no cuda result rows"
+    else
+        pass "$bench_name" "$(grep -cE '^[0-9a-z.]+ +cuda ' "$DECODELOG") cuda rows"
+    fi
+    rm -rf "$SPINDLE_SCRATCH/decode-models"
 fi
 
 # ----------------------------------------------------------------- verdict
@@ -382,6 +410,8 @@ fi
     cat "$TMP/steps"
     echo "== bench"
     grep -E '^GPU:|^ *[0-9]+ +[0-9]+ +[0-9]+ \||^SKIPPED|^CSV' "$BENCHLOG"
+    echo "== bench decode"
+    grep -E '^[0-9a-z.]+ +(cuda|cpu) |SKIPPED' "$DECODELOG"
     echo "== logs in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 } >"$SUMMARY"
 echo
