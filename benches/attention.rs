@@ -8,7 +8,7 @@
 
 use spindle::backend::cpu_attention::{attention, AttnShape};
 use spindle::kv::{BlockPool, KvView, SharedTail};
-use spindle::plan::{AttentionMode, AttentionPlan, PlanThread};
+use spindle::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
 use std::time::Instant;
 
 struct Case {
@@ -98,7 +98,10 @@ fn run(c: &Case, shape: AttnShape) {
         .enumerate()
         .map(|(i, v)| PlanThread {
             chunks: v.chunks(shape.block_size),
-            rows: vec![(i as u32, v.len() as u32)],
+            rows: vec![PlanRow {
+                row: i as u32,
+                limit: v.len() as u32,
+            }],
         })
         .collect();
     let forked = AttentionPlan::build(&threads, AttentionMode::Forked, 512);

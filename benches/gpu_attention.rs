@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use spindle::backend::cpu_attention::{self, AttnShape};
 use spindle::kv::Chunk;
-use spindle::plan::{AttentionMode, AttentionPlan, PlanThread};
+use spindle::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
 
 const D: usize = 128;
 const BS: usize = 16;
@@ -94,7 +94,10 @@ fn threads_of(views: &[Vec<Chunk>], limit: usize) -> Vec<PlanThread> {
         .enumerate()
         .map(|(t, c)| PlanThread {
             chunks: c.clone(),
-            rows: vec![(t as u32, limit as u32)],
+            rows: vec![PlanRow {
+                row: t as u32,
+                limit: limit as u32,
+            }],
         })
         .collect()
 }

@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 
 use spindle::backend::null::NullBackend;
 use spindle::kv::SharedTail;
-use spindle::plan::{AttentionPlan, PlanThread};
+use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
 use spindle::{AttentionMode, Engine, EngineConfig, JoinKind, RequestId, ThreadId};
 
 /// Runs the check of fuzz target `target` on `data`; `false` for an unknown target.
@@ -354,7 +354,10 @@ fn scratch_plan(e: &Engine<NullBackend>) -> AttentionPlan {
         .map(|t| {
             let view = &e.thread(t.thread).expect("an output's thread exists").view;
             let rows = (0..t.fed)
-                .map(|i| (row + i as u32, (view.len() - t.fed + i + 1) as u32))
+                .map(|i| PlanRow {
+                    row: row + i as u32,
+                    limit: (view.len() - t.fed + i + 1) as u32,
+                })
                 .collect();
             row += t.fed as u32;
             PlanThread {

@@ -18,7 +18,7 @@ use spindle::backend::cuda::kernels::{
 };
 use spindle::backend::cuda::{Blas, Gpu};
 use spindle::kv::Chunk;
-use spindle::plan::{AttentionPlan, PlanThread};
+use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
 use spindle::AttentionMode;
 
 #[path = "gpu_kernels/forked.rs"]
@@ -252,7 +252,10 @@ impl AttnCase {
                         len: len as u32,
                     })
                     .collect(),
-                rows: vec![(r as u32, limit as u32)],
+                rows: vec![PlanRow {
+                    row: r as u32,
+                    limit: limit as u32,
+                }],
             })
             .collect();
         let plan = AttentionPlan::build(&threads, AttentionMode::Naive, 0);

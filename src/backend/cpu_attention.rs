@@ -250,7 +250,7 @@ pub fn attention(
 mod tests {
     use super::*;
     use crate::kv::Chunk;
-    use crate::plan::{AttentionMode, PlanThread};
+    use crate::plan::{AttentionMode, PlanRow, PlanThread};
 
     /// The tile length only sets speed (the outputs agree up to rounding whatever it is),
     /// so it is pinned here: about 256 KiB of K and V, 16 to 512 tokens.
@@ -284,7 +284,7 @@ mod tests {
                 start: 0,
                 len: 3,
             }],
-            rows: vec![(0, 3), (1, 0)],
+            rows: vec![PlanRow { row: 0, limit: 3 }, PlanRow { row: 1, limit: 0 }],
         }];
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
@@ -326,7 +326,7 @@ mod tests {
                     len: 3,
                 },
             ],
-            rows: vec![(0, 2), (1, 5)],
+            rows: vec![PlanRow { row: 0, limit: 2 }, PlanRow { row: 1, limit: 5 }],
         }];
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
@@ -369,7 +369,10 @@ mod tests {
             rows: limits
                 .iter()
                 .enumerate()
-                .map(|(r, &l)| (r as u32, l))
+                .map(|(r, &l)| PlanRow {
+                    row: r as u32,
+                    limit: l,
+                })
                 .collect(),
         }];
         let q_width = shape.num_heads * shape.head_dim;
