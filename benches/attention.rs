@@ -106,8 +106,8 @@ fn run(c: &Case, shape: AttnShape) {
         .collect();
     let forked = AttentionPlan::build(&threads, AttentionMode::Forked, 512);
     let naive = AttentionPlan::build(&threads, AttentionMode::Naive, 512);
-    let (of, _) = attention(&forked, &q, &k_cache, &v_cache, shape);
-    let (on, _) = attention(&naive, &q, &k_cache, &v_cache, shape);
+    let of = attention(&forked, &q, &k_cache, &v_cache, shape).output;
+    let on = attention(&naive, &q, &k_cache, &v_cache, shape).output;
     let diff = of
         .iter()
         .zip(&on)

@@ -265,9 +265,7 @@ impl AttnCase {
             head_dim: self.shape.head_dim,
             block_size: self.shape.block_size,
         };
-        let (out, _) =
-            cpu_attention::attention(&plan, &f32s(q), &f32s(&self.k), &f32s(&self.v), shape);
-        out
+        cpu_attention::attention(&plan, &f32s(q), &f32s(&self.k), &f32s(&self.v), shape).output
     }
 }
 

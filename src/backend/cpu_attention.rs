@@ -128,17 +128,26 @@ impl Staged<'_> {
     }
 }
 
+/// What [`attention`] computes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionOutput {
+    /// `[rows, heads * head_dim]` attention outputs.
+    pub output: Vec<f32>,
+    /// K/V tokens gathered: a measurement for tests, which must equal the plan's
+    /// `kv_tokens_read` (the one count the backends and the engine report).
+    pub kv_tokens_gathered: u64,
+}
+
 /// Computes `[rows, heads * head_dim]` attention outputs of `q` (`[rows, heads * head_dim]`)
-/// over `k_cache`/`v_cache` (`[slots, kv_heads * head_dim]`). Returns the outputs and the
-/// number of K/V tokens gathered: a measurement for tests, which must equal the plan's
-/// `kv_tokens_read` (the one count the backends and the engine report).
+/// over `k_cache`/`v_cache` (`[slots, kv_heads * head_dim]`), with the number of K/V tokens
+/// gathered.
 pub fn attention(
     plan: &AttentionPlan,
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
     shape: AttnShape,
-) -> (Vec<f32>, u64) {
+) -> AttentionOutput {
     let AttnShape {
         num_heads,
         num_kv_heads,
@@ -243,7 +252,10 @@ pub fn attention(
             }
         }
     }
-    (out, tokens_read)
+    AttentionOutput {
+        output: out,
+        kv_tokens_gathered: tokens_read,
+    }
 }
 
 #[cfg(test)]
@@ -288,7 +300,10 @@ mod tests {
         }];
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
-            let (out, read) = attention(&plan, &q, &k, &v, shape);
+            let AttentionOutput {
+                output: out,
+                kv_tokens_gathered: read,
+            } = attention(&plan, &q, &k, &v, shape);
             assert_eq!(read, 3, "{mode:?}");
             assert_eq!(out[8..], [0.0; 8], "{mode:?}: the row that sees nothing");
             assert!(
@@ -331,7 +346,7 @@ mod tests {
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
             assert_eq!(plan.kv_tokens_read, 5, "{mode:?}");
-            let (_, read) = attention(&plan, &q, &k, &v, shape);
+            let read = attention(&plan, &q, &k, &v, shape).kv_tokens_gathered;
             assert_eq!(read, 5, "{mode:?}");
         }
     }
@@ -381,7 +396,7 @@ mod tests {
             .collect();
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
-            let (out, _) = attention(&plan, &q, &k, &v, shape);
+            let out = attention(&plan, &q, &k, &v, shape).output;
             let d = shape.head_dim;
             for (r, &limit) in limits.iter().enumerate() {
                 for h in 0..shape.num_heads {

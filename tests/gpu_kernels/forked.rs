@@ -198,7 +198,7 @@ fn run_forked(
         block_size: case.shape.block_size,
     };
     let (qf, kf, vf) = (f32s(q), f32s(&case.k), f32s(&case.v));
-    let (want, _) = cpu_attention::attention(plan, &qf, &kf, &vf, shape);
+    let want = cpu_attention::attention(plan, &qf, &kf, &vf, shape).output;
     let spec = interpret(
         &lp,
         &qf,
