@@ -6,7 +6,7 @@ mod common;
 
 use common::fixture;
 use spindle::generate::tags::ChildPrime;
-use spindle::generate::{Action, Protocol, Role, TagProtocol, TagSpec, TokenSplit};
+use spindle::generate::{Action, Protocol, Role, SplitTag, TagProtocol, TagSpec, TokenSplit};
 use spindle::tokenizer::{TextStream, Tokenizer};
 use spindle::{JoinKind, SpindleError};
 
@@ -351,7 +351,13 @@ fn multi_token_tags_match_on_text_even_when_bpe_merges_their_edges() {
 
     let p = TagProtocol::preset("threadweaver", &tok).expect("preset");
     let split = p.split_tags();
-    assert!(split.contains(&("<Outlines>".to_string(), 10)), "{split:?}");
+    assert!(
+        split.contains(&SplitTag {
+            text: "<Outlines>".to_string(),
+            tokens: 10
+        }),
+        "{split:?}"
+    );
     let (fed, acts) = run_split(&p, Role::Root, &ids);
     // Exactly one fork, at the end of `</Outlines>`, which ends inside a merged `><`: its `>`
     // is fed alone and the rest of the token (`<`) dropped, as a text client stops there.

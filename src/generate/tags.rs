@@ -78,6 +78,15 @@ pub struct TagSpec {
 /// Number labels prepared for presets (wider forks get the bare tag).
 pub const LABELS: usize = 64;
 
+/// A tag that the tokenizer splits into several tokens ([`TagProtocol::split_tags`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SplitTag {
+    /// The tag as text, e.g. `<Parallel>`.
+    pub text: String,
+    /// How many tokens it takes.
+    pub tokens: usize,
+}
+
 /// A protocol defined by a [`TagSpec`].
 #[derive(Debug, Clone)]
 pub struct TagProtocol {
@@ -166,13 +175,16 @@ impl TagProtocol {
     }
 
     /// The tags that are not single tokens, as text with their token counts (`<Parallel>`
-    /// as 4 tokens); empty when every tag is one token.
-    pub fn split_tags(&self) -> Vec<(String, usize)> {
-        let mut out: Vec<(String, usize)> = self
+    /// as 4 tokens), sorted by text; empty when every tag is one token.
+    pub fn split_tags(&self) -> Vec<SplitTag> {
+        let mut out: Vec<SplitTag> = self
             .tags()
             .into_iter()
             .filter(|t| t.len() > 1)
-            .map(|t| (text(&self.names, t), t.len()))
+            .map(|t| SplitTag {
+                text: text(&self.names, t),
+                tokens: t.len(),
+            })
             .collect();
         out.sort();
         out.dedup();
