@@ -269,7 +269,7 @@ mod gpu {
     use spindle::backend::cuda::kernels::{
         self, CacheShape, Chunks, DecodeWorkspace, ForkedPlan, KvCache,
     };
-    use spindle::backend::cuda::Gpu;
+    use spindle::backend::cuda::{ComputeCapability, Gpu};
     use spindle::plan::lower::{lower, LowerConfig};
     use std::sync::Arc;
 
@@ -337,7 +337,7 @@ mod gpu {
         let sms = gpu.ctx().attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
-        let (major, minor) = gpu.compute_capability()?;
+        let ComputeCapability { major, minor } = gpu.compute_capability()?;
         println!(
             "GPU: {} (sm_{major}{minor}, {sms} SMs); device copy {copy_gbps:.0} GB/s (read + write); decode attention v1 (per-thread split-KV, partition {PARTITION}) vs v2 (forked); head_dim {D}, block {BS}, one layer; L2 flushed before each timed launch; median of {} launches",
             gpu.name()?,
