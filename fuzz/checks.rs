@@ -200,14 +200,14 @@ fn setup(tok: Tokenizer) -> Setup {
             let protocol = TagProtocol::preset(name, &tok).expect("preset");
             let s = protocol.spec();
             let mut table = vec![
-                s.container.0.clone(),
-                s.container.1.clone(),
-                s.entry.0.clone(),
-                s.entry.1.clone(),
+                s.container.open.clone(),
+                s.container.close.clone(),
+                s.entry.open.clone(),
+                s.entry.close.clone(),
                 s.child_end.clone(),
             ];
-            if let Some((a, b)) = &s.block {
-                table.extend([a.clone(), b.clone()]);
+            if let Some(b) = &s.block {
+                table.extend([b.open.clone(), b.close.clone()]);
             }
             table.extend(s.result.clone());
             if let ChildPrime::Numbered { tag, labels } = &s.child_prime {
