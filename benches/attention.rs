@@ -8,7 +8,7 @@
 
 use spindle::backend::cpu_attention::{attention, AttnShape};
 use spindle::kv::{BlockPool, KvView, SharedTail};
-use spindle::plan::{AttentionMode, AttentionPlan, PlanThread};
+use spindle::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
 use std::time::Instant;
 
 struct Case {
@@ -98,13 +98,16 @@ fn run(c: &Case, shape: AttnShape) {
         .enumerate()
         .map(|(i, v)| PlanThread {
             chunks: v.chunks(shape.block_size),
-            rows: vec![(i as u32, v.len() as u32)],
+            rows: vec![PlanRow {
+                row: i as u32,
+                limit: v.len() as u32,
+            }],
         })
         .collect();
     let forked = AttentionPlan::build(&threads, AttentionMode::Forked, 512);
     let naive = AttentionPlan::build(&threads, AttentionMode::Naive, 512);
-    let (of, _) = attention(&forked, &q, &k_cache, &v_cache, shape);
-    let (on, _) = attention(&naive, &q, &k_cache, &v_cache, shape);
+    let of = attention(&forked, &q, &k_cache, &v_cache, shape).output;
+    let on = attention(&naive, &q, &k_cache, &v_cache, shape).output;
     let diff = of
         .iter()
         .zip(&on)

@@ -19,7 +19,7 @@
 use model_loader::{generate_checkpoint, Arch, Checkpoint, Preset};
 use spindle::backend::{Backend, StepInput};
 use spindle::kv::Chunk;
-use spindle::plan::{AttentionPlan, PlanThread};
+use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
 use spindle::AttentionMode;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -95,7 +95,10 @@ fn decode_step(prefix: usize, width: usize, vocab: usize) -> StepInput {
         });
         threads.push(PlanThread {
             chunks,
-            rows: vec![(w as u32, prefix as u32 + 1)],
+            rows: vec![PlanRow {
+                row: w as u32,
+                limit: prefix as u32 + 1,
+            }],
         });
     }
     step.plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use spindle::backend::cpu_attention::{self, AttnShape};
 use spindle::kv::Chunk;
-use spindle::plan::{AttentionMode, AttentionPlan, PlanThread};
+use spindle::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
 
 const D: usize = 128;
 const BS: usize = 16;
@@ -94,7 +94,10 @@ fn threads_of(views: &[Vec<Chunk>], limit: usize) -> Vec<PlanThread> {
         .enumerate()
         .map(|(t, c)| PlanThread {
             chunks: c.clone(),
-            rows: vec![(t as u32, limit as u32)],
+            rows: vec![PlanRow {
+                row: t as u32,
+                limit: limit as u32,
+            }],
         })
         .collect()
 }
@@ -196,7 +199,7 @@ fn cpu_fallback(args: &Args) -> Res<()> {
             ("cpu_forked", AttentionMode::Forked),
         ] {
             let plan = AttentionPlan::build(&threads, mode, 0);
-            let (out, _) = cpu_attention::attention(&plan, &q, &k, &v, shape); // warm-up
+            let out = cpu_attention::attention(&plan, &q, &k, &v, shape).output; // warm-up
             let mut times = Vec::new();
             for _ in 0..args.iters.min(5) {
                 let t = Instant::now();
@@ -266,7 +269,7 @@ mod gpu {
     use spindle::backend::cuda::kernels::{
         self, CacheShape, Chunks, DecodeWorkspace, ForkedPlan, KvCache,
     };
-    use spindle::backend::cuda::Gpu;
+    use spindle::backend::cuda::{ComputeCapability, Gpu};
     use spindle::plan::lower::{lower, LowerConfig};
     use std::sync::Arc;
 
@@ -334,7 +337,7 @@ mod gpu {
         let sms = gpu.ctx().attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
-        let (major, minor) = gpu.compute_capability()?;
+        let ComputeCapability { major, minor } = gpu.compute_capability()?;
         println!(
             "GPU: {} (sm_{major}{minor}, {sms} SMs); device copy {copy_gbps:.0} GB/s (read + write); decode attention v1 (per-thread split-KV, partition {PARTITION}) vs v2 (forked); head_dim {D}, block {BS}, one layer; L2 flushed before each timed launch; median of {} launches",
             gpu.name()?,
@@ -488,7 +491,7 @@ mod gpu {
             }
             if n * (p + s) <= 64 * 1024 {
                 let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
-                let (want, _) = cpu_attention::attention(
+                let want = cpu_attention::attention(
                     &plan,
                     &f(&q_host),
                     &f(&k_host),
@@ -499,7 +502,8 @@ mod gpu {
                         head_dim: D,
                         block_size: BS,
                     },
-                );
+                )
+                .output;
                 if !close(&o1, &want) || !close(&o2, &want) {
                     return Err(format!("W={n} P={p} S={s}: a kernel differs from the CPU").into());
                 }

@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 
 use spindle::backend::null::NullBackend;
 use spindle::kv::SharedTail;
-use spindle::plan::{AttentionPlan, PlanThread};
+use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
 use spindle::{AttentionMode, Engine, EngineConfig, JoinKind, RequestId, ThreadId};
 
 /// Runs the check of fuzz target `target` on `data`; `false` for an unknown target.
@@ -200,14 +200,14 @@ fn setup(tok: Tokenizer) -> Setup {
             let protocol = TagProtocol::preset(name, &tok).expect("preset");
             let s = protocol.spec();
             let mut table = vec![
-                s.container.0.clone(),
-                s.container.1.clone(),
-                s.entry.0.clone(),
-                s.entry.1.clone(),
+                s.container.open.clone(),
+                s.container.close.clone(),
+                s.entry.open.clone(),
+                s.entry.close.clone(),
                 s.child_end.clone(),
             ];
-            if let Some((a, b)) = &s.block {
-                table.extend([a.clone(), b.clone()]);
+            if let Some(b) = &s.block {
+                table.extend([b.open.clone(), b.close.clone()]);
             }
             table.extend(s.result.clone());
             if let ChildPrime::Numbered { tag, labels } = &s.child_prime {
@@ -354,7 +354,10 @@ fn scratch_plan(e: &Engine<NullBackend>) -> AttentionPlan {
         .map(|t| {
             let view = &e.thread(t.thread).expect("an output's thread exists").view;
             let rows = (0..t.fed)
-                .map(|i| (row + i as u32, (view.len() - t.fed + i + 1) as u32))
+                .map(|i| PlanRow {
+                    row: row + i as u32,
+                    limit: (view.len() - t.fed + i + 1) as u32,
+                })
                 .collect();
             row += t.fed as u32;
             PlanThread {

@@ -631,7 +631,7 @@ fn fused_step_matches_the_layer_loop_without_allocating() {
 fn device_greedy_matches_the_cpu_samplers_choice() {
     use spindle::backend::{Backend, StepInput};
     use spindle::kv::Chunk;
-    use spindle::plan::{AttentionPlan, PlanThread};
+    use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
     const T: &str = "device_greedy_matches_the_cpu_samplers_choice";
     let ck = Checkpoint::open(&fixture("tiny-qwen3")).expect("fixture");
     let vocab = ck.config().vocab_size;
@@ -653,7 +653,10 @@ fn device_greedy_matches_the_cpu_samplers_choice() {
             step.tokens.push(((t * 131 + i * 17 + 3) % vocab) as u32);
             step.positions.push(i as u32);
             step.slots.push((t * bs + i) as u32);
-            rows.push(((t * len + i) as u32, i as u32 + 1));
+            rows.push(PlanRow {
+                row: (t * len + i) as u32,
+                limit: i as u32 + 1,
+            });
         }
         step.logit_rows.push((t * len + len - 1) as u32);
         plan_threads.push(PlanThread {

@@ -18,7 +18,7 @@ use spindle::backend::cuda::kernels::{
 };
 use spindle::backend::cuda::{Blas, Gpu};
 use spindle::kv::Chunk;
-use spindle::plan::{AttentionPlan, PlanThread};
+use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
 use spindle::AttentionMode;
 
 #[path = "gpu_kernels/forked.rs"]
@@ -252,7 +252,10 @@ impl AttnCase {
                         len: len as u32,
                     })
                     .collect(),
-                rows: vec![(r as u32, limit as u32)],
+                rows: vec![PlanRow {
+                    row: r as u32,
+                    limit: limit as u32,
+                }],
             })
             .collect();
         let plan = AttentionPlan::build(&threads, AttentionMode::Naive, 0);
@@ -262,9 +265,7 @@ impl AttnCase {
             head_dim: self.shape.head_dim,
             block_size: self.shape.block_size,
         };
-        let (out, _) =
-            cpu_attention::attention(&plan, &f32s(q), &f32s(&self.k), &f32s(&self.v), shape);
-        out
+        cpu_attention::attention(&plan, &f32s(q), &f32s(&self.k), &f32s(&self.v), shape).output
     }
 }
 

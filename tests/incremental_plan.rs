@@ -7,7 +7,7 @@ use spindle::backend::null::NullBackend;
 use spindle::backend::Backend;
 use spindle::generate::rng::Rng;
 use spindle::kv::SharedTail;
-use spindle::plan::{AttentionPlan, PlanThread};
+use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
 use spindle::tree::ThreadState;
 use spindle::{AttentionMode, Engine, EngineConfig, JoinKind, PlanCounts, ThreadId};
 
@@ -48,7 +48,10 @@ fn from_scratch(e: &Engine<NullBackend>) -> AttentionPlan {
             let view = &e.thread(t.thread).expect("thread").view;
             let n = t.fed;
             let rows = (0..n)
-                .map(|i| (row + i as u32, (view.len() - n + i + 1) as u32))
+                .map(|i| PlanRow {
+                    row: row + i as u32,
+                    limit: (view.len() - n + i + 1) as u32,
+                })
                 .collect();
             row += n as u32;
             PlanThread {

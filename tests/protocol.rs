@@ -5,8 +5,8 @@
 mod common;
 
 use common::fixture;
-use spindle::generate::tags::ChildPrime;
-use spindle::generate::{Action, Protocol, Role, TagProtocol, TagSpec, TokenSplit};
+use spindle::generate::tags::{ChildPrime, TagPair};
+use spindle::generate::{Action, Protocol, Role, SplitTag, TagProtocol, TagSpec, TokenSplit};
 use spindle::tokenizer::{TextStream, Tokenizer};
 use spindle::{JoinKind, SpindleError};
 
@@ -69,8 +69,20 @@ fn presets_resolve_to_the_fixture_tags() {
     let t = tok();
     let tw = TagProtocol::threadweaver(&t, JoinKind::Reprefill).expect("threadweaver");
     let s = tw.spec();
-    assert_eq!(s.container, (vec![5], vec![6]));
-    assert_eq!(s.entry, (vec![7], vec![8]));
+    assert_eq!(
+        s.container,
+        TagPair {
+            open: vec![5],
+            close: vec![6]
+        }
+    );
+    assert_eq!(
+        s.entry,
+        TagPair {
+            open: vec![7],
+            close: vec![8]
+        }
+    );
     assert_eq!(s.child_end, vec![10]);
     match &s.child_prime {
         ChildPrime::Numbered { tag, labels } => {
@@ -223,8 +235,14 @@ fn tags_split_across_tokens_match_only_when_complete() {
     let spec = TagSpec {
         name: "split".into(),
         block: None,
-        container: (vec![a, b], vec![a, c]),
-        entry: (vec![d, b], vec![d, c]),
+        container: TagPair {
+            open: vec![a, b],
+            close: vec![a, c],
+        },
+        entry: TagPair {
+            open: vec![d, b],
+            close: vec![d, c],
+        },
         child_prime: ChildPrime::EntryContent,
         child_end: vec![c, c],
         result: None,
@@ -351,7 +369,13 @@ fn multi_token_tags_match_on_text_even_when_bpe_merges_their_edges() {
 
     let p = TagProtocol::preset("threadweaver", &tok).expect("preset");
     let split = p.split_tags();
-    assert!(split.contains(&("<Outlines>".to_string(), 10)), "{split:?}");
+    assert!(
+        split.contains(&SplitTag {
+            text: "<Outlines>".to_string(),
+            tokens: 10
+        }),
+        "{split:?}"
+    );
     let (fed, acts) = run_split(&p, Role::Root, &ids);
     // Exactly one fork, at the end of `</Outlines>`, which ends inside a merged `><`: its `>`
     // is fed alone and the rest of the token (`<`) dropped, as a text client stops there.

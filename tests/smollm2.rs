@@ -265,7 +265,7 @@ fn multi_token_tags_with_merged_edges_fork_and_join() {
     let protocol = TagProtocol::preset("threadweaver", &tok).expect("protocol");
     let split = protocol.split_tags();
     assert!(
-        split.iter().any(|(t, n)| t == "<Outlines>" && *n > 1),
+        split.iter().any(|t| t.text == "<Outlines>" && t.tokens > 1),
         "{split:?}"
     );
     let root = "<Parallel><Outlines><Outline> add</Outline><Outline> check</Outline></Outlines>\nDone.</Parallel>";

@@ -751,7 +751,7 @@ fn preempting_a_thread_after_a_reuse_join_keeps_the_merged_cache() {
 fn forked_and_split_plans_match_the_naive_plan_row_by_row() {
     use spindle::backend::cpu_attention::{attention, AttnShape};
     use spindle::kv::Chunk;
-    use spindle::plan::{AttentionPlan, PlanThread};
+    use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
     let shape = AttnShape {
         num_heads: 4,
         num_kv_heads: 2,
@@ -777,22 +777,26 @@ fn forked_and_split_plans_match_the_naive_plan_row_by_row() {
     let threads = [
         PlanThread {
             chunks: vec![chunk(0, 4), chunk(1, 4)],
-            rows: vec![(0, 8)],
+            rows: vec![PlanRow { row: 0, limit: 8 }],
         },
         PlanThread {
             chunks: vec![chunk(0, 4), chunk(2, 3)],
-            rows: vec![(1, 5), (2, 6), (3, 7)],
+            rows: vec![
+                PlanRow { row: 1, limit: 5 },
+                PlanRow { row: 2, limit: 6 },
+                PlanRow { row: 3, limit: 7 },
+            ],
         },
     ];
     let naive = AttentionPlan::build(&threads, AttentionMode::Naive, 512);
-    let (want, _) = attention(&naive, &q, &k, &v, shape);
+    let want = attention(&naive, &q, &k, &v, shape).output;
     for (mode, split) in [
         (AttentionMode::Forked, 512),
         (AttentionMode::Forked, 2),
         (AttentionMode::Naive, 3),
     ] {
         let plan = AttentionPlan::build(&threads, mode, split);
-        let (got, _) = attention(&plan, &q, &k, &v, shape);
+        let got = attention(&plan, &q, &k, &v, shape).output;
         let d = got
             .iter()
             .zip(&want)

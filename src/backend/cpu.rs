@@ -322,7 +322,10 @@ impl Backend for CpuBackend {
             block_size: self.block_size,
         };
         let plan: &AttentionPlan = &self.step.plan;
-        let (data, gathered) = cpu_attention::attention(
+        let cpu_attention::AttentionOutput {
+            output: data,
+            kv_tokens_gathered: gathered,
+        } = cpu_attention::attention(
             plan,
             &q.data,
             &self.k_cache[layer],

@@ -128,17 +128,26 @@ impl Staged<'_> {
     }
 }
 
+/// What [`attention`] computes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionOutput {
+    /// `[rows, heads * head_dim]` attention outputs.
+    pub output: Vec<f32>,
+    /// K/V tokens gathered: a measurement for tests, which must equal the plan's
+    /// `kv_tokens_read` (the one count the backends and the engine report).
+    pub kv_tokens_gathered: u64,
+}
+
 /// Computes `[rows, heads * head_dim]` attention outputs of `q` (`[rows, heads * head_dim]`)
-/// over `k_cache`/`v_cache` (`[slots, kv_heads * head_dim]`). Returns the outputs and the
-/// number of K/V tokens gathered: a measurement for tests, which must equal the plan's
-/// `kv_tokens_read` (the one count the backends and the engine report).
+/// over `k_cache`/`v_cache` (`[slots, kv_heads * head_dim]`), with the number of K/V tokens
+/// gathered.
 pub fn attention(
     plan: &AttentionPlan,
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
     shape: AttnShape,
-) -> (Vec<f32>, u64) {
+) -> AttentionOutput {
     let AttnShape {
         num_heads,
         num_kv_heads,
@@ -243,14 +252,17 @@ pub fn attention(
             }
         }
     }
-    (out, tokens_read)
+    AttentionOutput {
+        output: out,
+        kv_tokens_gathered: tokens_read,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kv::Chunk;
-    use crate::plan::{AttentionMode, PlanThread};
+    use crate::plan::{AttentionMode, PlanRow, PlanThread};
 
     /// The tile length only sets speed (the outputs agree up to rounding whatever it is),
     /// so it is pinned here: about 256 KiB of K and V, 16 to 512 tokens.
@@ -284,11 +296,14 @@ mod tests {
                 start: 0,
                 len: 3,
             }],
-            rows: vec![(0, 3), (1, 0)],
+            rows: vec![PlanRow { row: 0, limit: 3 }, PlanRow { row: 1, limit: 0 }],
         }];
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
-            let (out, read) = attention(&plan, &q, &k, &v, shape);
+            let AttentionOutput {
+                output: out,
+                kv_tokens_gathered: read,
+            } = attention(&plan, &q, &k, &v, shape);
             assert_eq!(read, 3, "{mode:?}");
             assert_eq!(out[8..], [0.0; 8], "{mode:?}: the row that sees nothing");
             assert!(
@@ -326,12 +341,12 @@ mod tests {
                     len: 3,
                 },
             ],
-            rows: vec![(0, 2), (1, 5)],
+            rows: vec![PlanRow { row: 0, limit: 2 }, PlanRow { row: 1, limit: 5 }],
         }];
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
             assert_eq!(plan.kv_tokens_read, 5, "{mode:?}");
-            let (_, read) = attention(&plan, &q, &k, &v, shape);
+            let read = attention(&plan, &q, &k, &v, shape).kv_tokens_gathered;
             assert_eq!(read, 5, "{mode:?}");
         }
     }
@@ -369,7 +384,10 @@ mod tests {
             rows: limits
                 .iter()
                 .enumerate()
-                .map(|(r, &l)| (r as u32, l))
+                .map(|(r, &l)| PlanRow {
+                    row: r as u32,
+                    limit: l,
+                })
                 .collect(),
         }];
         let q_width = shape.num_heads * shape.head_dim;
@@ -378,7 +396,7 @@ mod tests {
             .collect();
         for mode in [AttentionMode::Forked, AttentionMode::Naive] {
             let plan = AttentionPlan::build(&threads, mode, 0);
-            let (out, _) = attention(&plan, &q, &k, &v, shape);
+            let out = attention(&plan, &q, &k, &v, shape).output;
             let d = shape.head_dim;
             for (r, &limit) in limits.iter().enumerate() {
                 for h in 0..shape.num_heads {

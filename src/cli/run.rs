@@ -294,7 +294,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if !split.is_empty() {
         let list: Vec<String> = split
             .iter()
-            .map(|(t, n)| format!("{t} ({n} tokens)"))
+            .map(|t| format!("{} ({} tokens)", t.text, t.tokens))
             .collect();
         eprintln!(
             "warning: {} tags are not single tokens in this tokenizer: {}; they are matched on the decoded text",

@@ -30,5 +30,5 @@ pub use protocol::{
 };
 pub use sampler::{Decide, Sampler, SamplingParams, TokenSource};
 pub use scripted::{ScriptItem, Scripted};
-pub use tags::{TagProtocol, TagSpec};
+pub use tags::{SplitTag, TagProtocol, TagSpec};
 pub use trace::TraceRecorder;

@@ -42,6 +42,13 @@ use std::sync::Arc;
 /// A control tag: one or more token ids.
 pub type Tag = Vec<u32>;
 
+/// An opening tag and its closing tag (`<Outline>`, `</Outline>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagPair {
+    pub open: Tag,
+    pub close: Tag,
+}
+
 /// How each child of a fork is primed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChildPrime {
@@ -57,11 +64,11 @@ pub enum ChildPrime {
 pub struct TagSpec {
     pub name: String,
     /// Optional enclosing block (`<Parallel>`, `</Parallel>`), checked for balance only.
-    pub block: Option<(Tag, Tag)>,
+    pub block: Option<TagPair>,
     /// The container whose close forks (`<Outlines>`, `</Outlines>`).
-    pub container: (Tag, Tag),
+    pub container: TagPair,
     /// One entry per child (`<Outline>`, `</Outline>`).
-    pub entry: (Tag, Tag),
+    pub entry: TagPair,
     pub child_prime: ChildPrime,
     /// Ends a child thread (`</Thread>`).
     pub child_end: Tag,
@@ -77,6 +84,15 @@ pub struct TagSpec {
 
 /// Number labels prepared for presets (wider forks get the bare tag).
 pub const LABELS: usize = 64;
+
+/// A tag that the tokenizer splits into several tokens ([`TagProtocol::split_tags`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SplitTag {
+    /// The tag as text, e.g. `<Parallel>`.
+    pub text: String,
+    /// How many tokens it takes.
+    pub tokens: usize,
+}
 
 /// A protocol defined by a [`TagSpec`].
 #[derive(Debug, Clone)]
@@ -131,6 +147,13 @@ fn resolve(tok: &Tokenizer, tag: &str) -> Result<Tag> {
         .map_err(|e| SpindleError::Protocol(format!("tag {tag}: {e}")))
 }
 
+fn pair(tok: &Tokenizer, open: &str, close: &str) -> Result<TagPair> {
+    Ok(TagPair {
+        open: resolve(tok, open)?,
+        close: resolve(tok, close)?,
+    })
+}
+
 fn labels(tok: &Tokenizer, fmt: impl Fn(usize) -> String) -> Result<Vec<Vec<u32>>> {
     (1..=LABELS).map(|i| tok.encode(&fmt(i))).collect()
 }
@@ -166,13 +189,16 @@ impl TagProtocol {
     }
 
     /// The tags that are not single tokens, as text with their token counts (`<Parallel>`
-    /// as 4 tokens); empty when every tag is one token.
-    pub fn split_tags(&self) -> Vec<(String, usize)> {
-        let mut out: Vec<(String, usize)> = self
+    /// as 4 tokens), sorted by text; empty when every tag is one token.
+    pub fn split_tags(&self) -> Vec<SplitTag> {
+        let mut out: Vec<SplitTag> = self
             .tags()
             .into_iter()
             .filter(|t| t.len() > 1)
-            .map(|t| (text(&self.names, t), t.len()))
+            .map(|t| SplitTag {
+                text: text(&self.names, t),
+                tokens: t.len(),
+            })
             .collect();
         out.sort();
         out.dedup();
@@ -232,9 +258,9 @@ impl TagProtocol {
         };
         Self::new(TagSpec {
             name: "threadweaver".into(),
-            block: Some((resolve(tok, "<Parallel>")?, resolve(tok, "</Parallel>")?)),
-            container: (resolve(tok, "<Outlines>")?, resolve(tok, "</Outlines>")?),
-            entry: (resolve(tok, "<Outline>")?, resolve(tok, "</Outline>")?),
+            block: Some(pair(tok, "<Parallel>", "</Parallel>")?),
+            container: pair(tok, "<Outlines>", "</Outlines>")?,
+            entry: pair(tok, "<Outline>", "</Outline>")?,
             child_prime: ChildPrime::Numbered {
                 tag: resolve(tok, "<Thread>")?,
                 labels: labels(tok, |i| format!(" {i}:"))?,
@@ -253,9 +279,9 @@ impl TagProtocol {
     pub fn multiverse(tok: &Tokenizer) -> Result<Self> {
         Self::new(TagSpec {
             name: "multiverse".into(),
-            block: Some((resolve(tok, "<Parallel>")?, resolve(tok, "</Parallel>")?)),
-            container: (resolve(tok, "<Goal>")?, resolve(tok, "</Goal>")?),
-            entry: (resolve(tok, "<Outline>")?, resolve(tok, "</Outline>")?),
+            block: Some(pair(tok, "<Parallel>", "</Parallel>")?),
+            container: pair(tok, "<Goal>", "</Goal>")?,
+            entry: pair(tok, "<Outline>", "</Outline>")?,
             child_prime: ChildPrime::Numbered {
                 tag: resolve(tok, "<Path>")?,
                 labels: labels(tok, |i| format!(" {i}"))?,
@@ -276,8 +302,8 @@ impl TagProtocol {
         Self::new(TagSpec {
             name: "apr".into(),
             block: None,
-            container: (resolve(tok, "<spawn>")?, resolve(tok, "</spawn>")?),
-            entry: (resolve(tok, "<Outline>")?, resolve(tok, "</Outline>")?),
+            container: pair(tok, "<spawn>", "</spawn>")?,
+            entry: pair(tok, "<Outline>", "</Outline>")?,
             child_prime: ChildPrime::EntryContent,
             child_end: resolve(tok, "</join>")?,
             result: Some(resolve(tok, "<join>")?),
@@ -365,17 +391,17 @@ impl TagSpec {
     /// Every tag of the spec with its kind: the one list of them.
     fn all_tags(&self) -> impl Iterator<Item = (Kind, &Tag)> {
         [
-            (Kind::ContainerOpen, &self.container.0),
-            (Kind::ContainerClose, &self.container.1),
-            (Kind::EntryOpen, &self.entry.0),
-            (Kind::EntryClose, &self.entry.1),
+            (Kind::ContainerOpen, &self.container.open),
+            (Kind::ContainerClose, &self.container.close),
+            (Kind::EntryOpen, &self.entry.open),
+            (Kind::EntryClose, &self.entry.close),
             (Kind::ChildEnd, &self.child_end),
         ]
         .into_iter()
         .chain(
             self.block
                 .iter()
-                .flat_map(|(a, b)| [(Kind::BlockOpen, a), (Kind::BlockClose, b)]),
+                .flat_map(|b| [(Kind::BlockOpen, &b.open), (Kind::BlockClose, &b.close)]),
         )
         .chain(self.result.iter().map(|r| (Kind::ResultOpen, r)))
     }
@@ -506,7 +532,10 @@ impl ThreadParser for TagParser {
                         "block close {} without an open; kept as text",
                         text(
                             &self.names,
-                            &s.block.as_ref().map(|b| b.1.clone()).unwrap_or_default()
+                            &s.block
+                                .as_ref()
+                                .map(|b| b.close.clone())
+                                .unwrap_or_default()
                         )
                     ));
                 }
@@ -517,7 +546,7 @@ impl ThreadParser for TagParser {
                 if self.container.is_some() {
                     return malformed(format!(
                         "container open {} inside an open container; kept as text",
-                        text(&self.names, &s.container.0)
+                        text(&self.names, &s.container.open)
                     ));
                 }
                 self.container = Some(Container::default());
@@ -531,7 +560,7 @@ impl ThreadParser for TagParser {
                 }
                 None => malformed(format!(
                     "entry {} outside a container; kept as text",
-                    text(&self.names, &s.entry.0)
+                    text(&self.names, &s.entry.open)
                 )),
             },
             Kind::EntryClose => match self.container.as_mut() {
@@ -541,20 +570,20 @@ impl ThreadParser for TagParser {
                 }
                 _ => malformed(format!(
                     "entry close {} without an open; kept as text",
-                    text(&self.names, &s.entry.1)
+                    text(&self.names, &s.entry.close)
                 )),
             },
             Kind::ContainerClose => {
                 let Some(c) = self.container.take() else {
                     return malformed(format!(
                         "container close {} without an open; kept as text",
-                        text(&self.names, &s.container.1)
+                        text(&self.names, &s.container.close)
                     ));
                 };
                 if c.entries.is_empty() {
                     return malformed(format!(
                         "container {} closed with no entries: no fork",
-                        text(&self.names, &s.container.0)
+                        text(&self.names, &s.container.open)
                     ));
                 }
                 let children = c
@@ -608,14 +637,14 @@ impl ThreadParser for TagParser {
         let problem = if self.container.is_some() {
             Some(format!(
                 "container {} still open when the thread ended",
-                text(&self.names, &s.container.0)
+                text(&self.names, &s.container.open)
             ))
         } else if self.blocks > 0 {
             Some(format!(
                 "block {} still open when the thread ended",
                 text(
                     &self.names,
-                    &s.block.as_ref().map(|b| b.0.clone()).unwrap_or_default()
+                    &s.block.as_ref().map(|b| b.open.clone()).unwrap_or_default()
                 )
             ))
         } else {

@@ -604,7 +604,7 @@ fn row_limit(view_len: usize, t: &PlanInput, i: u32) -> u32 {
 mod tests {
     use super::*;
     use crate::kv::{BlockPool, SharedTail};
-    use crate::plan::PlanThread;
+    use crate::plan::{PlanRow, PlanThread};
 
     fn grow(v: &mut KvView, n: usize, pool: &mut BlockPool) {
         assert!(v
@@ -625,7 +625,10 @@ mod tests {
             .map(|t| PlanThread {
                 chunks: views[t.key].chunks(bs),
                 rows: (0..t.rows)
-                    .map(|i| (t.first_row + i, row_limit(views[t.key].len(), t, i)))
+                    .map(|i| PlanRow {
+                        row: t.first_row + i,
+                        limit: row_limit(views[t.key].len(), t, i),
+                    })
                     .collect(),
             })
             .collect();

@@ -33,7 +33,16 @@ pub struct PlanThread {
     /// The thread's view (after this step's appends), cut into per-block chunks.
     pub chunks: Vec<Chunk>,
     /// Its query rows in the step batch, each with how many view tokens it may see.
-    pub rows: Vec<(u32, u32)>,
+    pub rows: Vec<PlanRow>,
+}
+
+/// One query row of a [`PlanThread`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanRow {
+    /// The row's index in the step batch.
+    pub row: u32,
+    /// View tokens the row may see (those at view index >= `limit` are masked).
+    pub limit: u32,
 }
 
 /// The plan, in CSR form (int32-friendly arrays, as the kernels take them).
@@ -82,8 +91,8 @@ impl AttentionPlan {
             },
         };
         for t in threads {
-            for &(row, limit) in &t.rows {
-                b.plan.row_limit[row as usize] = limit;
+            for r in &t.rows {
+                b.plan.row_limit[r.row as usize] = r.limit;
             }
         }
         match mode {
@@ -160,12 +169,12 @@ impl Builder<'_> {
     }
 
     fn push_item(&mut self, group: &[usize], chunks: &[Chunk], view_start: usize, len: usize) {
-        let rows: Vec<(u32, u32)> = group
+        let rows: Vec<PlanRow> = group
             .iter()
             .flat_map(|&t| self.threads[t].rows.iter().copied())
-            .filter(|&(_, limit)| limit as usize > view_start)
+            .filter(|r| r.limit as usize > view_start)
             .collect();
-        let Some(max_limit) = rows.iter().map(|&(_, l)| l as usize).max() else {
+        let Some(max_limit) = rows.iter().map(|r| r.limit as usize).max() else {
             return; // no row sees any of it: nothing to read
         };
         let p = &mut self.plan;
@@ -173,7 +182,7 @@ impl Builder<'_> {
         p.chunks.extend_from_slice(chunks);
         p.item_chunk_ptr.push(p.chunks.len() as u32);
         p.item_view_start.push(view_start as u32);
-        p.item_rows.extend(rows.iter().map(|&(r, _)| r));
+        p.item_rows.extend(rows.iter().map(|r| r.row));
         p.item_row_ptr.push(p.item_rows.len() as u32);
     }
 
@@ -215,7 +224,7 @@ mod tests {
         let threads: Vec<PlanThread> = (0..3)
             .map(|i| PlanThread {
                 chunks: vec![chunk(0, 16), chunk(1, 16), chunk(2 + i, 5)],
-                rows: vec![(i, 37)],
+                rows: vec![PlanRow { row: i, limit: 37 }],
             })
             .collect();
         let forked = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
@@ -237,7 +246,7 @@ mod tests {
     fn long_items_are_split() {
         let threads = vec![PlanThread {
             chunks: (0..8).map(|b| chunk(b, 16)).collect(),
-            rows: vec![(0, 128)],
+            rows: vec![PlanRow { row: 0, limit: 128 }],
         }];
         let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 32);
         assert_eq!(plan.num_items(), 4);

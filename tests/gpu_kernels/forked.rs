@@ -93,7 +93,10 @@ fn random_tree(rng: &mut Rng, prefix: usize, bs: usize) -> (Vec<PlanThread>, usi
                 rows: limits
                     .iter()
                     .enumerate()
-                    .map(|(i, &l)| (rows + i as u32, l))
+                    .map(|(i, &l)| PlanRow {
+                        row: rows + i as u32,
+                        limit: l,
+                    })
                     .collect(),
             };
             rows += limits.len() as u32;
@@ -195,7 +198,7 @@ fn run_forked(
         block_size: case.shape.block_size,
     };
     let (qf, kf, vf) = (f32s(q), f32s(&case.k), f32s(&case.v));
-    let (want, _) = cpu_attention::attention(plan, &qf, &kf, &vf, shape);
+    let want = cpu_attention::attention(plan, &qf, &kf, &vf, shape).output;
     let spec = interpret(
         &lp,
         &qf,
@@ -308,7 +311,12 @@ fn forked_v2_long_shared_prefixes() {
             let n = if t == 5 { 7.min(own as u32) } else { 1 };
             threads.push(PlanThread {
                 chunks,
-                rows: (0..n).map(|i| (rows + i, len + 1 + i - n)).collect(),
+                rows: (0..n)
+                    .map(|i| PlanRow {
+                        row: rows + i,
+                        limit: len + 1 + i - n,
+                    })
+                    .collect(),
             });
             rows += n;
         }
@@ -343,7 +351,7 @@ fn forked_v2_rejects_bad_shapes() {
             start: 0,
             len: 10,
         }],
-        rows: vec![(0, 10)],
+        rows: vec![PlanRow { row: 0, limit: 10 }],
     }];
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
     let lp = lower(&plan, &LowerConfig::new(2, 1, 4, 16)).expect("lowering");

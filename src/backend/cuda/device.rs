@@ -9,6 +9,13 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::{CudaError, Result};
 
+/// A CUDA compute capability: `sm_90` is major 9, minor 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ComputeCapability {
+    pub major: i32,
+    pub minor: i32,
+}
+
 /// A CUDA device with its context and work stream.
 #[derive(Debug, Clone)]
 pub struct Gpu {
@@ -67,9 +74,10 @@ impl Gpu {
         Ok(self.ctx.name()?)
     }
 
-    /// (major, minor) compute capability.
-    pub fn compute_capability(&self) -> Result<(i32, i32)> {
-        Ok(self.ctx.compute_capability()?)
+    /// The device's compute capability.
+    pub fn compute_capability(&self) -> Result<ComputeCapability> {
+        let (major, minor) = self.ctx.compute_capability()?;
+        Ok(ComputeCapability { major, minor })
     }
 
     /// Blocks until all work on the stream is done.

@@ -172,7 +172,7 @@ pub(super) fn host_attention(
 mod tests {
     use super::*;
     use crate::kv::Chunk;
-    use crate::plan::{AttentionMode, AttentionPlan, PlanThread};
+    use crate::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
 
     pub(super) fn chunk(block: u32, start: u32, len: u32) -> Chunk {
         Chunk { block, start, len }
@@ -197,11 +197,15 @@ mod tests {
         let threads = vec![
             PlanThread {
                 chunks: vec![chunk(0, 0, 4), chunk(1, 0, 4), chunk(2, 0, 2)],
-                rows: vec![(0, 10)],
+                rows: vec![PlanRow { row: 0, limit: 10 }],
             },
             PlanThread {
                 chunks: vec![chunk(0, 0, 4), chunk(1, 0, 4), chunk(3, 0, 3)],
-                rows: vec![(1, 9), (2, 10), (3, 11)],
+                rows: vec![
+                    PlanRow { row: 1, limit: 9 },
+                    PlanRow { row: 2, limit: 10 },
+                    PlanRow { row: 3, limit: 11 },
+                ],
             },
         ];
         for split in [0, 4] {
@@ -227,7 +231,7 @@ mod tests {
         // Split items of 2 tokens: row 1 (limit 5) does not read the last item, row 2 does.
         let threads = vec![PlanThread {
             chunks: vec![chunk(0, 0, 4), chunk(1, 0, 1), chunk(1, 1, 2)],
-            rows: vec![(0, 5), (1, 7)],
+            rows: vec![PlanRow { row: 0, limit: 5 }, PlanRow { row: 1, limit: 7 }],
         }];
         let step = step_of(&threads, AttentionMode::Forked, 2);
         let lists = row_chunk_lists(&step, 4, 4).unwrap();
@@ -241,7 +245,7 @@ mod tests {
     pub(super) fn bad_plans_are_errors() {
         let threads = vec![PlanThread {
             chunks: vec![chunk(9, 0, 4)],
-            rows: vec![(0, 4)],
+            rows: vec![PlanRow { row: 0, limit: 4 }],
         }];
         let step = step_of(&threads, AttentionMode::Naive, 0);
         assert!(
@@ -251,7 +255,7 @@ mod tests {
         let mut step = step_of(
             &[PlanThread {
                 chunks: vec![chunk(0, 0, 4)],
-                rows: vec![(0, 4)],
+                rows: vec![PlanRow { row: 0, limit: 4 }],
             }],
             AttentionMode::Naive,
             0,

@@ -17,7 +17,7 @@ pub mod pool;
 pub mod profile;
 mod weights;
 
-pub use device::Gpu;
+pub use device::{ComputeCapability, Gpu};
 pub use error::CudaError;
 pub use gemm::Blas;
 

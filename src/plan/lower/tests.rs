@@ -5,7 +5,7 @@
 use super::*;
 use crate::backend::cpu_attention::{attention, AttnShape};
 use crate::kv::Chunk;
-use crate::plan::{AttentionMode, PlanThread};
+use crate::plan::{AttentionMode, PlanRow, PlanThread};
 use model_loader::rng::Rng;
 
 fn chunk(block: u32, start: u32, len: u32) -> Chunk {
@@ -76,7 +76,10 @@ fn splits_start_at_their_chunk_without_walking_the_earlier_ones() {
     let total: u32 = chunks.iter().map(|c| c.len).sum();
     let threads = vec![PlanThread {
         chunks,
-        rows: vec![(0, total)],
+        rows: vec![PlanRow {
+            row: 0,
+            limit: total,
+        }],
     }];
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
     for split in [16, 32, 48] {
@@ -112,7 +115,7 @@ fn dispatch_rule_and_overrides() {
                 chunk(2, 0, 32),
                 chunk(3 + i, 0, 5),
             ],
-            rows: vec![(i, 101)],
+            rows: vec![PlanRow { row: i, limit: 101 }],
         })
         .collect();
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
@@ -148,7 +151,13 @@ fn rows_that_see_one_partial_are_written_directly() {
     // A prefill of 4 rows over 40 tokens (limits 37..40) and a row that sees nothing.
     let threads = vec![PlanThread {
         chunks: vec![chunk(0, 0, 16), chunk(1, 0, 16), chunk(2, 0, 8)],
-        rows: vec![(0, 37), (1, 38), (2, 39), (3, 40), (4, 0)],
+        rows: vec![
+            PlanRow { row: 0, limit: 37 },
+            PlanRow { row: 1, limit: 38 },
+            PlanRow { row: 2, limit: 39 },
+            PlanRow { row: 3, limit: 40 },
+            PlanRow { row: 4, limit: 0 },
+        ],
     }];
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
     let mut c = cfg(4, 16);
@@ -174,7 +183,7 @@ fn rows_that_see_one_partial_are_written_directly() {
 fn rows_are_left_out_of_splits_they_cannot_see() {
     let threads = vec![PlanThread {
         chunks: vec![chunk(0, 0, 16), chunk(1, 0, 16), chunk(2, 0, 16)],
-        rows: vec![(0, 10), (1, 48)],
+        rows: vec![PlanRow { row: 0, limit: 10 }, PlanRow { row: 1, limit: 48 }],
     }];
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
     let mut c = cfg(4, 16);
@@ -195,7 +204,10 @@ fn the_wave_rule_splits_long_items_until_the_gpu_is_full() {
     let chunks: Vec<Chunk> = (0..2048).map(|b| chunk(b, 0, 16)).collect();
     let threads = vec![PlanThread {
         chunks,
-        rows: vec![(0, 32768)],
+        rows: vec![PlanRow {
+            row: 0,
+            limit: 32768,
+        }],
     }];
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
     let c = LowerConfig::new(16, 8, 2048, 16);
@@ -212,7 +224,7 @@ fn the_wave_rule_splits_long_items_until_the_gpu_is_full() {
     let threads: Vec<PlanThread> = (0..512)
         .map(|i| PlanThread {
             chunks: vec![chunk(i, 0, 16)],
-            rows: vec![(i, 16)],
+            rows: vec![PlanRow { row: i, limit: 16 }],
         })
         .collect();
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
@@ -225,11 +237,11 @@ fn malformed_plans_are_typed_errors() {
     let threads = vec![
         PlanThread {
             chunks: vec![chunk(0, 0, 8), chunk(1, 0, 4)],
-            rows: vec![(0, 12)],
+            rows: vec![PlanRow { row: 0, limit: 12 }],
         },
         PlanThread {
             chunks: vec![chunk(0, 0, 8), chunk(2, 0, 4)],
-            rows: vec![(1, 12)],
+            rows: vec![PlanRow { row: 1, limit: 12 }],
         },
     ];
     let good = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
@@ -440,7 +452,10 @@ fn random_case(g: &mut TreeGen) -> Case {
                 .into_iter()
                 .map(|l| {
                     next += 1;
-                    (ids[next - 1], l)
+                    PlanRow {
+                        row: ids[next - 1],
+                        limit: l,
+                    }
                 })
                 .collect(),
         })
@@ -507,7 +522,7 @@ fn interpreter_matches_cpu_attention_on_random_trees() {
             head_dim,
             block_size: 16,
         };
-        let (want, _) = attention(&plan, &q, &k, &v, shape);
+        let want = attention(&plan, &q, &k, &v, shape).output;
         let got = interpret(
             &lp,
             &q,
@@ -547,7 +562,7 @@ fn interpreter_matches_cpu_attention_on_random_trees() {
 fn interpreter_notices_a_wrong_chunk_offset() {
     let threads = vec![PlanThread {
         chunks: vec![chunk(0, 0, 16), chunk(1, 0, 16), chunk(2, 0, 16)],
-        rows: vec![(0, 48)],
+        rows: vec![PlanRow { row: 0, limit: 48 }],
     }];
     let plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
     let mut c = cfg(3, 16);
@@ -568,7 +583,7 @@ fn interpreter_notices_a_wrong_chunk_offset() {
         tile_tokens: 16,
     };
     let good = interpret(&lp, &q, &k, &v, shape);
-    let (want, _) = attention(
+    let want = attention(
         &plan,
         &q,
         &k,
@@ -579,7 +594,8 @@ fn interpreter_notices_a_wrong_chunk_offset() {
             head_dim: 64,
             block_size: 16,
         },
-    );
+    )
+    .output;
     let close = |a: &[f32]| {
         a.iter()
             .zip(&want)
