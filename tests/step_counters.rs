@@ -11,7 +11,7 @@ use spindle::backend::step_program::{
 use spindle::backend::StepInput;
 use spindle::kv::Chunk;
 use spindle::plan::lower::{lower, lower_into, LowerConfig, LoweredPlan};
-use spindle::plan::{AttentionMode, AttentionPlan, PlanThread};
+use spindle::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
 
 /// The targets for a decode step.
 const MAX_LAUNCHES_PER_LAYER: u64 = 12;
@@ -143,7 +143,10 @@ fn decode_step(w: usize, prefix: u32, age: usize) -> (StepInput, usize) {
         step.logit_rows.push(t as u32);
         threads.push(PlanThread {
             chunks,
-            rows: vec![(t as u32, prefix + tail)],
+            rows: vec![PlanRow {
+                row: t as u32,
+                limit: prefix + tail,
+            }],
         });
     }
     step.plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);

@@ -661,8 +661,7 @@ impl<B: Backend> Engine<B> {
 
     /// How the planner made the plans so far.
     pub fn plan_counts(&self) -> PlanCounts {
-        let (builds, updates) = self.planner.counts();
-        PlanCounts { builds, updates }
+        self.planner.counts()
     }
 
     /// The last step's output again, borrowing the engine immutably (so the engine can be

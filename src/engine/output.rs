@@ -51,14 +51,7 @@ impl<'a> StepOutput<'a> {
     }
 }
 
-/// How the planner made each step's plan ([`super::Engine::plan_counts`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PlanCounts {
-    /// Plans built from the threads' views.
-    pub builds: u64,
-    /// Plans updated in place from the last step's.
-    pub updates: u64,
-}
+pub use crate::plan::PlanCounts;
 
 /// Counters over the engine's life.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

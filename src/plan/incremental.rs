@@ -52,6 +52,15 @@ struct Remembered {
     tail_len: usize,
 }
 
+/// How the planner made each step's plan ([`crate::Engine::plan_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanCounts {
+    /// Plans built from the threads' views.
+    pub builds: u64,
+    /// Plans updated in place from the last step's.
+    pub updates: u64,
+}
+
 /// Builds and updates the per-step attention plan (see the module docs).
 #[derive(Debug)]
 pub struct Planner {
@@ -97,9 +106,12 @@ impl Planner {
         }
     }
 
-    /// (full builds, in-place updates) so far.
-    pub fn counts(&self) -> (u64, u64) {
-        (self.builds, self.updates)
+    /// How the plans so far were made.
+    pub fn counts(&self) -> PlanCounts {
+        PlanCounts {
+            builds: self.builds,
+            updates: self.updates,
+        }
     }
 
     /// Forgets the last plan: the next step builds from scratch.
@@ -651,7 +663,13 @@ mod tests {
         let mut planner = Planner::new(AttentionMode::Forked, 0, bs);
         let mut plan = AttentionPlan::default();
         planner.step(&threads, &views[..], &mut plan);
-        assert_eq!(planner.counts(), (1, 0));
+        assert_eq!(
+            planner.counts(),
+            PlanCounts {
+                builds: 1,
+                updates: 0
+            }
+        );
         let cap = plan.chunks.capacity();
         for s in 0..24 {
             grow(&mut views[0], 1, &mut pool);
@@ -659,7 +677,13 @@ mod tests {
             let want = scratch(&views, &threads, AttentionMode::Forked, 0, bs);
             assert_eq!(plan, want, "step {s}");
         }
-        assert_eq!(planner.counts(), (1, 24));
+        assert_eq!(
+            planner.counts(),
+            PlanCounts {
+                builds: 1,
+                updates: 24
+            }
+        );
         assert_eq!(
             plan.chunks.capacity(),
             cap,
@@ -669,7 +693,13 @@ mod tests {
         grow(&mut views[0], 1, &mut pool);
         planner.invalidate();
         planner.step(&threads, &views[..], &mut plan);
-        assert_eq!(planner.counts(), (2, 24));
+        assert_eq!(
+            planner.counts(),
+            PlanCounts {
+                builds: 2,
+                updates: 24
+            }
+        );
         assert_eq!(
             plan,
             scratch(&views, &threads, AttentionMode::Forked, 0, bs)

@@ -14,7 +14,7 @@
 pub mod incremental;
 pub mod lower;
 
-pub use incremental::{PlanInput, Planner, ViewSource};
+pub use incremental::{PlanCounts, PlanInput, Planner, ViewSource};
 
 use crate::kv::Chunk;
 
