@@ -342,9 +342,11 @@ if [ -z "$STOPPED" ]; then
         --skip forked_v2_long_shared_prefixes "${T[@]}"
     san_step "memcheck engine tests" 60 memcheck "$E" cuda_matches_cpu_step_by_step "${T[@]}"
     # 6. racecheck over the attention kernels (shared-memory staging and reductions).
-    san_step "racecheck attention kernels" 50 racecheck "$K" decode_gqa4_d128_multi_split \
-        prefill_gqa4_d128 decode_limits_beside_chunk_boundaries forked_v2_rejects_bad_shapes \
-        "${T[@]}"
+    #    Kernel v2: two random trees (several tiles, rows and merge rows), not only the
+    #    one-tile shape check.
+    SPINDLE_FORKED_CASES=2 san_step "racecheck attention kernels" 50 racecheck "$K" \
+        decode_gqa4_d128_multi_split prefill_gqa4_d128 decode_limits_beside_chunk_boundaries \
+        forked_v2_rejects_bad_shapes forked_v2_matches_cpu_on_random_trees "${T[@]}"
     # 7. the benchmark (BENCH_ARGS, default --quick; its CSV goes to $OUT).
     bench_name="bench gpu_attention"
     rows_re='^ *[0-9]+ +[0-9]+ +[0-9]+ \|'

@@ -294,3 +294,25 @@ fn an_empty_step_has_an_empty_plan() {
     assert_eq!(plan.row_partial_ptr, [0]);
     e.finish(root).expect("finish");
 }
+
+#[test]
+fn a_restart_with_a_bad_prompt_changes_nothing() {
+    use spindle::tree::ThreadState;
+    let mut e = engine("tiny-llama", 64, 4, AttentionMode::Forked);
+    let root = e.add_request(&[1, 2, 3]).expect("request");
+    e.step().expect("prefill");
+    let request = e.request_of(root).expect("root");
+    assert!(matches!(
+        e.restart_request(request, &[1, 600]),
+        Err(SpindleError::TokenOutOfVocab { token: 600, .. })
+    ));
+    // The request still runs on its old root, its cache intact.
+    assert_eq!(e.root_of(request).expect("request"), root);
+    let t = e.thread(root).expect("root");
+    assert_eq!((t.state, t.view.len()), (ThreadState::Active, 3));
+    // A good prompt restarts it under the same id.
+    let new_root = e.restart_request(request, &[4, 5]).expect("restart");
+    assert_ne!(new_root, root);
+    assert_eq!(e.request_of(new_root).expect("new root"), request);
+    assert_eq!(e.thread(root).expect("old").state, ThreadState::Retired);
+}

@@ -5,8 +5,8 @@
 
 use model_loader::{preset_config, Arch, ModelConfig, Preset};
 use spindle::backend::step_program::{
-    pack_step, packed_len, stage_capacity, AttentionArrays, Op, StepProgram, StepShape,
-    DEFAULT_MAX_STEP_PARTIALS,
+    forked_attention_launches, pack_step, packed_len, stage_capacity, AttentionArrays, Op,
+    StepProgram, StepShape, DEFAULT_MAX_STEP_PARTIALS,
 };
 use spindle::backend::StepInput;
 use spindle::kv::Chunk;
@@ -58,13 +58,14 @@ fn decode_step_counts_meet_the_targets() {
             let c = p.counters();
             let per_layer = p.launches_per_layer();
             let max = *per_layer.iter().max().expect("layers");
+            // The program has no allocating or zero-filling op (the arena is allocated at
+            // load); that the device sees none is measured by the GPU test
+            // `fused_step_matches_the_layer_loop_without_allocating`.
             println!(
-                "{name} W={rows} split={split} greedy={greedy}: {} launches ({} layers, max {max}/layer), {} allocations, {} memsets, {} H2D, {} D2H",
-                c.launches, cfg.num_layers, c.allocations, c.memsets, c.h2d_copies, c.d2h_copies
+                "{name} W={rows} split={split} greedy={greedy}: {} launches ({} layers, max {max}/layer), {} H2D, {} D2H",
+                c.launches, cfg.num_layers, c.h2d_copies, c.d2h_copies
             );
             assert!(max <= MAX_LAUNCHES_PER_LAYER, "{name}: {per_layer:?}");
-            assert_eq!(c.allocations, 0, "{name}");
-            assert_eq!(c.memsets, 0, "{name}");
             assert_eq!(c.h2d_copies, 1, "{name}: one packed input copy");
             assert_eq!(c.d2h_copies, 1, "{name}: one download");
             // Head (embed) + layers + tail (final norm, gather, lm_head[, argmax]).
@@ -208,22 +209,24 @@ fn attention_arrays_travel_in_the_one_packed_copy() {
                     rows: w,
                     logit_rows: w,
                     copies: false,
-                    attention_launches: 1 + u64::from(!lowered.merge_rows.is_empty()),
+                    attention_launches: forked_attention_launches(
+                        w,
+                        lowered.num_units(),
+                        lowered.merge_rows.len(),
+                    ),
                     greedy: true,
                 },
             );
             let c = program.counters();
             println!(
-                "qwen3-1.7b W={w} step {age}: {} attention elements ({} units, {} partials, {} chunks) in one copy of {need} of {capacity} staged; {} allocations, {} memsets, {} H2D",
+                "qwen3-1.7b W={w} step {age}: {} attention elements ({} units, {} partials, {} chunks) in one copy of {need} of {capacity} staged (no growth); {} H2D",
                 arrays.len(),
                 lowered.num_units(),
                 lowered.num_partials(),
                 lowered.chunk_block.len(),
-                c.allocations,
-                c.memsets,
                 c.h2d_copies
             );
-            assert_eq!((c.allocations, c.memsets, c.h2d_copies), (0, 0, 1));
+            assert_eq!(c.h2d_copies, 1);
             assert!(
                 lowered.num_partials() <= DEFAULT_MAX_STEP_PARTIALS,
                 "W={w}: {} partials outgrow the workspace sized at load",

@@ -526,6 +526,12 @@ impl AttentionArrays {
     }
 }
 
+/// Launches kernel v2 makes for one layer: the item kernel, then the merge kernel when some
+/// row has several partials (or none).
+pub fn forked_attention_launches(rows: usize, units: usize, merge_rows: usize) -> u64 {
+    u64::from(rows > 0 && units > 0) + u64::from(rows > 0 && merge_rows > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

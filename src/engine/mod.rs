@@ -462,8 +462,9 @@ impl<B: Backend> Engine<B> {
             let child = &self.threads[c];
             match kind {
                 JoinKind::Reuse => {
+                    // Every child's cache is intact (checked above): its own part is
+                    // exactly its own tokens.
                     let own = self.kv.suffix(&child.view, child.fork_len);
-                    // A child whose cache was released contributes nothing.
                     let n = own.len();
                     own_views.push((
                         own,
@@ -568,6 +569,9 @@ impl<B: Backend> Engine<B> {
     /// # Errors
     /// [`SpindleError::UnknownRequest`]; as [`Engine::add_request`] for the prompt.
     pub fn restart_request(&mut self, request: RequestId, prompt: &[u32]) -> Result<ThreadId> {
+        // The new prompt is checked before anything is cancelled: a bad one changes nothing.
+        self.check_tokens(prompt)?;
+        check_positions(0, prompt.len())?;
         self.cancel(request)?;
         let root = self.add_request(prompt)?;
         // `add_request` numbered a new request: give its root to this one instead.

@@ -651,8 +651,9 @@ pub fn lower_into(
         out.chunk_start.push(fit("chunk start", c.start as u64)?);
         out.chunk_len.push(fit("chunk len", c.len as u64)?);
     }
-    out.row_limit
-        .extend(plan.row_limit.iter().map(|&l| l as i32));
+    for &l in &plan.row_limit {
+        out.row_limit.push(fit("row limit", l as u64)?);
+    }
     Ok(())
 }
 

@@ -37,15 +37,15 @@ use cudarc::driver::{CudaEvent, PinnedHostSlice};
 use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, ForkedPlan, KvCache};
 use super::lowering::host_attention;
 pub use super::pool::{CudaOptions, KvPoolSize, PoolInfo};
-use super::profile::{profiler, range};
+use super::profile::{nvtx_requested, profiler, range};
 use super::weights::{
     upload, upload_head, upload_layer, DLayer, Device, HostBf16, LinearPart, Loader,
 };
 use super::{Blas, CudaError, Gpu};
 use crate::backend::profile::profile_steps;
 use crate::backend::step_program::{
-    pack_step, packed_len, stage_capacity, ArenaLayout, AttentionArrays, AttentionRanges, Gemm, Op,
-    PackLayout, StepCounters, StepProgram, StepShape,
+    forked_attention_launches, pack_step, packed_len, stage_capacity, ArenaLayout, AttentionArrays,
+    AttentionRanges, Gemm, Op, PackLayout, StepCounters, StepProgram, StepShape,
 };
 use crate::backend::weights::Weights;
 use crate::backend::{Backend, StepInput, Weight};
@@ -372,7 +372,7 @@ impl CudaBackend {
             {
                 2
             }
-            AttnLaunch::Forked => forked_launches(
+            AttnLaunch::Forked => forked_attention_launches(
                 s.rows,
                 s.attn.units.len() / UNIT_WIDTH,
                 s.attn.merge_rows.len(),
@@ -406,7 +406,7 @@ impl CudaBackend {
             AttnKernel::V2 => {
                 let lp = lower(&step.plan, &self.lower_config())
                     .map_err(|e| backend_err(format!("malformed attention plan: {e}")))?;
-                forked_launches(step.tokens.len(), lp.num_units(), lp.merge_rows.len())
+                forked_attention_launches(step.tokens.len(), lp.num_units(), lp.merge_rows.len())
             }
         };
         Ok(StepProgram::build(
@@ -446,10 +446,12 @@ impl CudaBackend {
         if profile.as_ref().is_some_and(|r| r.start == n) {
             profiler(true)?;
         }
-        let _step = range("step");
+        // NVTX ranges only while someone profiles: each one allocates a C string.
+        let marks = profile.is_some() || nvtx_requested();
+        let _step = range(marks, "step");
         self.ensure_capacity(step.tokens.len(), step.logit_rows.len())?;
         {
-            let _r = range("begin_step");
+            let _r = range(marks, "begin_step");
             self.begin_step(step)?;
         }
         let program = {
@@ -460,7 +462,7 @@ impl CudaBackend {
             )
         };
         for &op in &program.ops {
-            let _r = range(op.name());
+            let _r = range(marks, op.name());
             self.run_op(op, logits, tokens)?;
         }
         if profile.is_some_and(|r| r.end == n + 1) {
@@ -1357,13 +1359,7 @@ fn attend(
                 merge_rows: &mr,
             };
             kern::forked_attention(stream, q, cache, &plan, out, heads, scale, ws)?;
-            forked_launches(s.rows, num_units, num_merge_rows)
+            forked_attention_launches(s.rows, num_units, num_merge_rows)
         }
     })
-}
-
-/// Launches kernel v2 makes for one layer: the item kernel, then the merge kernel when some
-/// row has several partials (or none).
-fn forked_launches(rows: usize, units: usize, merge_rows: usize) -> u64 {
-    u64::from(rows > 0 && units > 0) + u64::from(rows > 0 && merge_rows > 0)
 }

@@ -16,9 +16,17 @@ fn nvtx_present() -> bool {
 /// An NVTX range, ended when dropped (nothing when NVTX is absent).
 pub struct Range(#[allow(dead_code)] Option<cudarc::nvtx::Range>);
 
-/// Opens the NVTX range `name` (a step, a phase, a kernel family).
-pub fn range(name: &str) -> Range {
-    Range(nvtx_present().then(|| cudarc::nvtx::scoped_range(name)))
+/// Whether `SPINDLE_NVTX` asks for NVTX ranges on every step (read once); without it they
+/// are recorded only inside a `--profile-steps` window.
+pub fn nvtx_requested() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SPINDLE_NVTX").is_some_and(|v| v != "0"))
+}
+
+/// Opens the NVTX range `name` (a step, a phase, a kernel family) when `on` and NVTX is
+/// present; otherwise nothing.
+pub fn range(on: bool, name: &str) -> Range {
+    Range((on && nvtx_present()).then(|| cudarc::nvtx::scoped_range(name)))
 }
 
 /// `cuProfilerStart` (or `cuProfilerStop` when `start` is false).
