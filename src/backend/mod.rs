@@ -15,7 +15,8 @@ pub mod simd;
 pub mod step_program;
 pub mod weights;
 
-use crate::error::Result;
+use crate::error::{Result, SpindleError};
+pub use crate::generate::RowSampling;
 use crate::kv::BlockCopy;
 use crate::plan::AttentionPlan;
 use model_loader::ModelConfig;
@@ -59,6 +60,43 @@ pub struct StepInput {
     pub copies: Vec<BlockCopy>,
     /// Which rows attend to which chunks.
     pub plan: AttentionPlan,
+}
+
+/// How a backend chooses one logits row's next token in [`Backend::forward_sampled`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RowPick {
+    /// Hand the row's logits back; the host chooses (a custom token source, scoring).
+    Logits,
+    /// Choose on the backend (on the device for CUDA): greedy, or temperature / top-k /
+    /// top-p at the thread's pre-drawn uniform. Only the token id has to come back.
+    Sample(RowSampling),
+}
+
+/// The token of a [`RowPick::Logits`] row in [`Backend::forward_sampled`]'s output.
+pub const NO_TOKEN: u32 = u32::MAX;
+
+/// The host's choice for every row of `picks` from `logits` (`[picks, vocab]`), into
+/// `tokens` ([`NO_TOKEN`] for a `Logits` row): [`Backend::forward_sampled`]'s default, with
+/// the CPU sampler's exact choices.
+pub fn sample_on_host(
+    logits: &[f32],
+    vocab: usize,
+    picks: &[RowPick],
+    tokens: &mut Vec<u32>,
+) -> Result<()> {
+    tokens.clear();
+    if logits.len() < picks.len() * vocab {
+        return Err(SpindleError::Backend(format!(
+            "{} picks for {} logits of vocab {vocab}",
+            picks.len(),
+            logits.len()
+        )));
+    }
+    tokens.extend(picks.iter().enumerate().map(|(i, p)| match p {
+        RowPick::Logits => NO_TOKEN,
+        RowPick::Sample(s) => crate::generate::sample_row(&logits[i * vocab..(i + 1) * vocab], s),
+    }));
+    Ok(())
 }
 
 /// A device that can run the transformer's operations. `Act` is an activation buffer of
@@ -108,5 +146,33 @@ pub trait Backend {
         Self: Sized,
     {
         crate::model::layer_loop(self, step, logits)
+    }
+
+    /// One whole step that also chooses tokens: `picks` has one entry per logits row
+    /// (`step.logit_rows`); `tokens` gets one id per row ([`NO_TOKEN`] for a
+    /// [`RowPick::Logits`] row). `logits` holds every row's `[vocab]` logits when some row
+    /// asked for them; a backend that samples on its device may leave it empty otherwise
+    /// (only token ids come back). The default runs [`Backend::forward`] and samples on
+    /// the host ([`sample_on_host`]).
+    fn forward_sampled(
+        &mut self,
+        step: &StepInput,
+        picks: &[RowPick],
+        logits: &mut Vec<f32>,
+        tokens: &mut Vec<u32>,
+    ) -> Result<()>
+    where
+        Self: Sized,
+    {
+        if picks.len() != step.logit_rows.len() {
+            return Err(SpindleError::Backend(format!(
+                "{} picks for {} logit rows",
+                picks.len(),
+                step.logit_rows.len()
+            )));
+        }
+        self.forward(step, logits)?;
+        let vocab = self.config().vocab_size;
+        sample_on_host(logits, vocab, picks, tokens)
     }
 }

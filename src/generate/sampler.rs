@@ -74,60 +74,130 @@ impl Sampler {
         Self { params }
     }
 
+    /// The settings of one row for a backend that samples itself
+    /// ([`crate::backend::Backend::forward_sampled`]): greedy (temperature 0) when this
+    /// sampler is greedy, else its settings and the uniform its next draw from `rng` would
+    /// give. `rng` is not advanced: call [`Sampler::commit`] once the token is taken, so a
+    /// thread that got no token this step keeps its stream.
+    pub fn row_sampling(&self, rng: &Rng) -> RowSampling {
+        let p = &self.params;
+        if self.is_greedy() {
+            return RowSampling::GREEDY;
+        }
+        RowSampling {
+            temperature: p.temperature,
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            top_p: p.top_p,
+            uniform: rng.clone().next_f64(),
+        }
+    }
+
+    /// Advances `rng` past the draw [`Sampler::row_sampling`] previewed (nothing when
+    /// greedy), leaving it where [`Sampler::sample`] would have.
+    pub fn commit(&self, rng: &mut Rng) {
+        if !self.is_greedy() {
+            rng.next_f64();
+        }
+    }
+
+    /// Whether this sampler takes the argmax (and draws nothing).
+    pub fn is_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0 || !p.temperature.is_finite() || p.top_k == 1
+    }
+
     /// Picks a token from `logits` with `rng` (greedy when the temperature is 0).
     pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
-        let p = &self.params;
-        if p.temperature <= 0.0 || !p.temperature.is_finite() || p.top_k == 1 {
-            return argmax(logits);
-        }
-        let mut order: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| logits[i as usize].is_finite())
-            .collect();
-        if order.is_empty() {
-            return 0;
-        }
-        // Descending by logit; ties by id so the order is total and reproducible.
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        if p.top_k > 0 {
-            order.truncate(p.top_k);
-        }
-        let max = logits[order[0] as usize];
-        let inv_t = 1.0 / p.temperature as f64;
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((logits[i as usize] - max) as f64 * inv_t).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        for q in &mut probs {
-            *q /= total;
-        }
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            order.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
-        let mut u = rng.next_f64() * total;
-        for (q, &id) in probs.iter().zip(&order) {
-            if u < *q {
-                return id;
-            }
-            u -= q;
-        }
-        order[order.len() - 1]
+        let s = self.row_sampling(rng);
+        self.commit(rng);
+        sample_row(logits, &s)
     }
+}
+
+/// How one logits row's token is chosen from a uniform drawn beforehand: what a backend
+/// that samples on its device is given per row (see [`sample_row`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    /// 0 (or not finite): greedy.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: u32,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0: all).
+    pub top_p: f32,
+    /// The thread's draw in `[0, 1)` (unused when greedy).
+    pub uniform: f64,
+}
+
+impl RowSampling {
+    /// Greedy: the argmax, lowest id among ties.
+    pub const GREEDY: RowSampling = RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.0,
+    };
+
+    /// Whether the row takes the argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || !self.temperature.is_finite() || self.top_k == 1
+    }
+}
+
+/// The CPU sampler's choice for one row given its uniform `s.uniform`: greedy, or the
+/// temperature distribution over the `top_k` most likely tokens (ties broken by id), cut
+/// to the smallest prefix whose probability reaches `top_p`, inverted at the uniform in
+/// that descending order. Non-finite logits are never chosen (0 when none is finite).
+pub fn sample_row(logits: &[f32], s: &RowSampling) -> u32 {
+    if s.is_greedy() {
+        return argmax(logits);
+    }
+    let mut order: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize].is_finite())
+        .collect();
+    if order.is_empty() {
+        return 0;
+    }
+    // Descending by logit; ties by id so the order is total and reproducible.
+    order.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    if s.top_k > 0 {
+        order.truncate(s.top_k as usize);
+    }
+    let max = logits[order[0] as usize];
+    let inv_t = 1.0 / s.temperature as f64;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i as usize] - max) as f64 * inv_t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    for q in &mut probs {
+        *q /= total;
+    }
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, q) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= s.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        order.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = s.uniform * total;
+    for (q, &id) in probs.iter().zip(&order) {
+        if u < *q {
+            return id;
+        }
+        u -= q;
+    }
+    order[order.len() - 1]
 }
 
 impl TokenSource for Sampler {
