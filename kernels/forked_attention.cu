@@ -44,6 +44,8 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include <atomic>
+
 #include "spindle_kernels.h"
 
 namespace spindle {
@@ -409,13 +411,28 @@ __global__ void __launch_bounds__(D) forked_merge_kernel(
     out[((size_t)row * num_q_heads + head) * D + d] = __float2bfloat16(den > 0.f ? acc / den : 0.f);
 }
 
+// The kernel's dynamic shared memory above 48 KiB, allowed once per device (the
+// attribute is per device; a host call per launch would be host time in every step).
+template <int D>
+static cudaError_t allow_smem() {
+    static std::atomic<uint64_t> done{0};  // bit d: device d is configured
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+    if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+    err = cudaFuncSetAttribute(forked_attention_kernel<D>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               (int)Smem<D>::kBytes);
+    if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+    return err;
+}
+
 template <int D>
 static cudaError_t launch(const Args& a, const SpindleForkedParams& p, cudaStream_t stream) {
     if (p.num_units > 0) {
         const size_t bytes = Smem<D>::kBytes;
-        cudaError_t err = cudaFuncSetAttribute(forked_attention_kernel<D>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)bytes);
+        cudaError_t err = allow_smem<D>();
         if (err != cudaSuccess) return err;
         dim3 grid(p.num_units, p.num_kv_heads);
         forked_attention_kernel<D><<<grid, kThreads, bytes, stream>>>(a);

@@ -4,11 +4,14 @@
 //! `tests/gpu_engine.rs`). No device needed; runs in every `cargo test`.
 
 use model_loader::{preset_config, Arch, ModelConfig, Preset};
+use spindle::backend::graph_layout::{
+    bucket_for, pad_lowered_into, GraphCaps, DEFAULT_MAX_GRAPH_ROWS,
+};
 use spindle::backend::step_program::{
     forked_attention_launches, pack_step, packed_len, stage_capacity, AttentionArrays, Op,
-    StepProgram, StepShape, DEFAULT_MAX_STEP_PARTIALS,
+    PackExtra, StepProgram, StepShape, TokenOp, DEFAULT_MAX_STEP_PARTIALS,
 };
-use spindle::backend::StepInput;
+use spindle::backend::{RowPick, RowSampling, StepInput};
 use spindle::kv::Chunk;
 use spindle::plan::lower::{lower, lower_into, LowerConfig, LoweredPlan};
 use spindle::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
@@ -45,14 +48,21 @@ fn configs() -> Vec<(String, ModelConfig)> {
 #[test]
 fn decode_step_counts_meet_the_targets() {
     for (name, cfg) in configs() {
-        for (rows, split, greedy) in [(1, false, false), (16, false, true), (64, true, true)] {
+        for (rows, split, tokens) in [
+            (1, false, TokenOp::None),
+            (16, false, TokenOp::Argmax),
+            (64, true, TokenOp::Sample),
+        ] {
+            let greedy = tokens != TokenOp::None;
             let shape = StepShape {
                 rows,
                 logit_rows: rows,
                 copies: false,
                 // Split-KV decode (long views) merges partials in a second launch.
                 attention_launches: if split { 2 } else { 1 },
-                greedy,
+                tokens,
+                logits_back: false,
+                graph: false,
             };
             let p = StepProgram::build(&cfg, &shape);
             let c = p.counters();
@@ -62,21 +72,51 @@ fn decode_step_counts_meet_the_targets() {
             // load); that the device sees none is measured by the GPU test
             // `fused_step_matches_the_layer_loop_without_allocating`.
             println!(
-                "{name} W={rows} split={split} greedy={greedy}: {} launches ({} layers, max {max}/layer), {} H2D, {} D2H",
+                "{name} W={rows} split={split} tokens={tokens:?}: {} launches ({} layers, max {max}/layer), {} H2D, {} D2H",
                 c.launches, cfg.num_layers, c.h2d_copies, c.d2h_copies
             );
             assert!(max <= MAX_LAUNCHES_PER_LAYER, "{name}: {per_layer:?}");
             assert_eq!(c.h2d_copies, 1, "{name}: one packed input copy");
             assert_eq!(c.d2h_copies, 1, "{name}: one download");
-            // Head (embed) + layers + tail (final norm, gather, lm_head[, argmax]).
+            // Head (embed) + layers + tail (final norm, gather, lm_head[, argmax/sample]).
             let layers: u64 = per_layer.iter().sum();
             assert_eq!(c.launches, 1 + layers + 3 + greedy as u64, "{name}");
             assert_eq!(
                 p.ops.contains(&Op::DownloadTokens),
                 greedy,
-                "{name}: greedy steps bring back token ids only"
+                "{name}: steps that choose on the device bring back token ids only"
             );
             assert_eq!(p.ops.contains(&Op::Download), !greedy, "{name}");
+            assert_eq!(p.ops.contains(&Op::Sample), tokens == TokenOp::Sample);
+
+            // The same step replayed as a CUDA graph: one graph launch, the inputs' copy
+            // and the tokens' copy; the captured body is the eager program's kernels.
+            let g = StepProgram::build(
+                &cfg,
+                &StepShape {
+                    graph: true,
+                    ..shape
+                },
+            );
+            let gc = g.counters();
+            let body = StepProgram::graph_body(&cfg, &shape);
+            println!(
+                "{name} W={rows} graph: {} launches, {} graph launch, {} H2D, {} D2H; body {} launches",
+                gc.launches,
+                gc.graph_launches,
+                gc.h2d_copies,
+                gc.d2h_copies,
+                body.counters().launches
+            );
+            assert_eq!(gc.launches, 0, "{name}: nothing launched outside the graph");
+            assert_eq!(gc.graph_launches, 1, "{name}: one graph launch per step");
+            assert_eq!((gc.h2d_copies, gc.d2h_copies), (1, 1), "{name}");
+            assert_eq!(body.counters().launches, c.launches, "{name}");
+            assert_eq!(body.counters().h2d_copies + body.counters().d2h_copies, 0);
+            assert!(body
+                .launches_per_layer()
+                .iter()
+                .all(|&l| l <= MAX_LAUNCHES_PER_LAYER));
         }
     }
 }
@@ -89,7 +129,9 @@ fn every_layer_runs_each_fused_op_once() {
         logit_rows: 2,
         copies: true,
         attention_launches: 1,
-        greedy: false,
+        tokens: TokenOp::None,
+        logits_back: true,
+        graph: false,
     };
     let p = StepProgram::build(&cfg, &shape);
     for layer in 0..cfg.num_layers {
@@ -177,12 +219,13 @@ fn attention_arrays_travel_in_the_one_packed_copy() {
             assert_eq!(lowered, lower(&step.plan, &lc).expect("lowers"));
             arrays.clear();
             let ranges = arrays.push_lowered(&lowered);
-            let need = packed_len(&step, arrays.len());
+            let need = packed_len(&step, &PackExtra::attention(&arrays.data));
             assert!(
                 need <= capacity,
                 "W={w}: {need} staging elements exceed the load-time {capacity} (the step would grow it)"
             );
-            let pack = pack_step(&step, &arrays.data, &mut staging).expect("packs");
+            let pack =
+                pack_step(&step, &PackExtra::attention(&arrays.data), &mut staging).expect("packs");
             assert_eq!(pack.len, need);
             let r = ranges.shifted(pack.attention.start);
             assert_eq!(r.units.end.max(r.merge_rows.end), pack.attention.end);
@@ -214,7 +257,9 @@ fn attention_arrays_travel_in_the_one_packed_copy() {
                         lowered.num_units(),
                         lowered.merge_rows.len(),
                     ),
-                    greedy: true,
+                    tokens: TokenOp::Argmax,
+                    logits_back: false,
+                    graph: false,
                 },
             );
             let c = program.counters();
@@ -243,6 +288,38 @@ fn attention_arrays_travel_in_the_one_packed_copy() {
                 }
             }
             caps = Some((arrays.data.capacity(), lowered.units.capacity()));
+
+            // As a CUDA graph step: the lowering fits the bucket's first capacities (so
+            // steady decode replays instead of re-capturing), and the padded inputs fit
+            // the staging buffer allocated at load.
+            let bucket = bucket_for(w, DEFAULT_MAX_GRAPH_ROWS).expect("a bucket");
+            let gcaps = GraphCaps::initial(bucket, 132);
+            assert!(gcaps.fits(&lowered), "W={w}: {gcaps:?}");
+            let mut padded = LoweredPlan::default();
+            pad_lowered_into(&lowered, &gcaps, &mut padded).expect("pads");
+            let mut garrays = AttentionArrays::default();
+            let granges = garrays.push_lowered(&padded);
+            let picks = vec![RowPick::Sample(RowSampling::GREEDY); w];
+            let extra = PackExtra {
+                attention: &garrays.data,
+                picks: &picks,
+                pad_rows: bucket,
+            };
+            let gneed = packed_len(&step, &extra);
+            println!(
+                "qwen3-1.7b W={w} graph bucket {bucket}: {gcaps:?}, {gneed} staging elements of {capacity}"
+            );
+            assert!(
+                gneed <= capacity,
+                "W={w}: graph inputs outgrow the staging buffer"
+            );
+            let gpack = pack_step(&step, &extra, &mut staging).expect("packs");
+            assert_eq!(gpack.tokens.len(), bucket);
+            assert_eq!(
+                granges.units.len(),
+                gcaps.units * 8,
+                "a fixed place per bucket"
+            );
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cpu_attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod graph_layout;
 pub mod null;
 pub mod packed;
 pub mod profile;

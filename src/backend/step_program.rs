@@ -22,6 +22,9 @@ pub struct StepCounters {
     pub h2d_copies: u64,
     /// Device-to-host copies.
     pub d2h_copies: u64,
+    /// CUDA graph launches (a captured decode step replayed: its kernels are not counted
+    /// in `launches`).
+    pub graph_launches: u64,
 }
 
 impl StepCounters {
@@ -33,6 +36,7 @@ impl StepCounters {
             memsets: self.memsets - before.memsets,
             h2d_copies: self.h2d_copies - before.h2d_copies,
             d2h_copies: self.d2h_copies - before.d2h_copies,
+            graph_launches: self.graph_launches - before.graph_launches,
         }
     }
 }
@@ -85,9 +89,14 @@ pub enum Op {
     /// Greedy token of every logit row on the device (lowest index on ties, as the CPU
     /// sampler's `argmax`).
     Argmax,
+    /// Token of every logit row on the device with its own temperature, top-k, top-p and
+    /// uniform (greedy rows take the argmax): `kernels/sampling.cu`.
+    Sample,
+    /// Replay the step's captured CUDA graph (every op from `Embed` to the token choice).
+    GraphLaunch,
     /// Copy the logits of the logit rows back to the host.
     Download,
-    /// Copy the greedy token ids (only) back to the host.
+    /// Copy the chosen token ids back to the host.
     DownloadTokens,
 }
 
@@ -128,6 +137,8 @@ impl Op {
             Op::SiluMul { .. } => "silu_mul",
             Op::GatherLogitRows => "gather_logit_rows",
             Op::Argmax => "argmax",
+            Op::Sample => "sample",
+            Op::GraphLaunch => "graph",
             Op::Download | Op::DownloadTokens => "download",
         }
     }
@@ -139,6 +150,7 @@ impl Op {
             Op::UploadInputs => c.h2d_copies = 1,
             Op::Download | Op::DownloadTokens => c.d2h_copies = 1,
             Op::Attention { launches, .. } => c.launches = launches,
+            Op::GraphLaunch => c.graph_launches = 1,
             _ => c.launches = 1,
         }
         c
@@ -156,12 +168,28 @@ pub struct StepShape {
     pub copies: bool,
     /// Launches of one layer's attention (1, or 2 for split-KV decode).
     pub attention_launches: u64,
-    /// Greedy tokens chosen on the device; only token ids come back.
-    pub greedy: bool,
+    /// How tokens are chosen on the device (their ids come back when some are).
+    pub tokens: TokenOp,
+    /// Whether the logit rows' logits come back to the host.
+    pub logits_back: bool,
+    /// Whether the step replays a captured CUDA graph (a pure-decode step padded to its
+    /// bucket; see `backend::graph_layout`).
+    pub graph: bool,
+}
+
+/// How a step chooses tokens on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenOp {
+    /// None: the host chooses from the logits.
+    None,
+    /// Every row greedy ([`Op::Argmax`]).
+    Argmax,
+    /// Per-row sampling ([`Op::Sample`]; greedy rows too).
+    Sample,
 }
 
 /// The fused step's operations, in launch order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepProgram {
     /// Every op of the step.
     pub ops: Vec<Op>,
@@ -172,11 +200,56 @@ pub struct StepProgram {
 impl StepProgram {
     /// The program of a step of `shape` on a model of `cfg`'s shape.
     pub fn build(cfg: &ModelConfig, shape: &StepShape) -> Self {
+        let mut p = Self {
+            ops: Vec::new(),
+            num_layers: cfg.num_layers,
+        };
+        p.build_into(cfg, shape);
+        p
+    }
+
+    /// What a CUDA graph of a step of `shape` captures: the program without its copies
+    /// (the inputs are uploaded before the replay, the tokens and logits copied back
+    /// after it).
+    pub fn graph_body(cfg: &ModelConfig, shape: &StepShape) -> Self {
+        let mut p = Self::build(
+            cfg,
+            &StepShape {
+                graph: false,
+                ..*shape
+            },
+        );
+        p.ops.retain(|op| {
+            !matches!(
+                op,
+                Op::UploadInputs | Op::CopyBlocks | Op::Download | Op::DownloadTokens
+            )
+        });
+        p
+    }
+
+    /// [`StepProgram::build`] into `self`, reusing its op list (no allocation once it has
+    /// held the longest program).
+    pub fn build_into(&mut self, cfg: &ModelConfig, shape: &StepShape) {
         let n = cfg.num_layers;
-        let mut ops = Vec::with_capacity(4 + 11 * n + 5);
+        self.num_layers = n;
+        let ops = &mut self.ops;
+        ops.clear();
         ops.push(Op::UploadInputs);
         if shape.rows == 0 {
-            return Self { ops, num_layers: n };
+            return;
+        }
+        if shape.graph {
+            ops.push(Op::GraphLaunch);
+            if shape.logit_rows > 0 {
+                if shape.tokens != TokenOp::None {
+                    ops.push(Op::DownloadTokens);
+                }
+                if shape.logits_back || shape.tokens == TokenOp::None {
+                    ops.push(Op::Download);
+                }
+            }
+            return;
         }
         if shape.copies {
             ops.push(Op::CopyBlocks);
@@ -238,13 +311,15 @@ impl StepProgram {
                 layer: n,
                 gemm: Gemm::LmHead,
             });
-            if shape.greedy {
-                ops.extend([Op::Argmax, Op::DownloadTokens]);
-            } else {
+            match shape.tokens {
+                TokenOp::None => {}
+                TokenOp::Argmax => ops.extend([Op::Argmax, Op::DownloadTokens]),
+                TokenOp::Sample => ops.extend([Op::Sample, Op::DownloadTokens]),
+            }
+            if shape.logits_back || shape.tokens == TokenOp::None {
                 ops.push(Op::Download);
             }
         }
-        Self { ops, num_layers: n }
     }
 
     /// What the whole step costs.
@@ -256,6 +331,7 @@ impl StepProgram {
             a.memsets += c.memsets;
             a.h2d_copies += c.h2d_copies;
             a.d2h_copies += c.d2h_copies;
+            a.graph_launches += c.graph_launches;
             a
         })
     }
@@ -335,6 +411,9 @@ pub struct PackLayout {
     pub slots: std::ops::Range<usize>,
     /// `[logit_rows]` rows whose logits are wanted.
     pub logit_rows: std::ops::Range<usize>,
+    /// `[4, logit_rows]` per-row sampling: temperature, top_k, top_p, uniform (f32 as
+    /// bits but top_k); empty when tokens are not chosen on the device.
+    pub sampling: std::ops::Range<usize>,
     /// `[2 * copies]` (src, dst) block pairs of the copy-on-write copies.
     pub copies: std::ops::Range<usize>,
     /// The attention plan's arrays ([`AttentionArrays`], concatenated): each array's place
@@ -368,21 +447,73 @@ pub const ATTENTION_RESERVE: usize = 16 * 1024;
 /// that is 32 MiB for 16 heads of 128, 64 MiB for 32.
 pub const DEFAULT_MAX_STEP_PARTIALS: usize = 4096;
 
-/// Elements the packed inputs of `step` take, with `attention_len` attention elements.
-pub fn packed_len(step: &super::StepInput, attention_len: usize) -> usize {
-    3 * step.tokens.len() + step.logit_rows.len() + 2 * step.copies.len() + attention_len
+/// What [`pack_step`] packs beside the step itself.
+#[derive(Debug, Clone, Copy)]
+pub struct PackExtra<'a> {
+    /// The attention arrays (already lowered).
+    pub attention: &'a [i32],
+    /// One pick per logit row when tokens are chosen on the device (empty: none).
+    pub picks: &'a [super::RowPick],
+    /// Rows after padding (a CUDA graph's bucket; the step's own rows when not padded).
+    /// A padded step must want the logits of every row, in order.
+    pub pad_rows: usize,
 }
 
-/// Packs `step`'s tokens, positions, slots, logit rows and block copies, then `attention`
-/// (already lowered), into `out`; `Err` when a value does not fit an `i32` or `out` is too
-/// small (the caller sizes it with [`packed_len`]).
+impl<'a> PackExtra<'a> {
+    /// Only the attention arrays: no device sampling, no padding.
+    pub fn attention(attention: &'a [i32]) -> Self {
+        Self {
+            attention,
+            picks: &[],
+            pad_rows: 0,
+        }
+    }
+}
+
+/// Elements the packed inputs of `step` take with `extra`.
+pub fn packed_len(step: &super::StepInput, extra: &PackExtra<'_>) -> usize {
+    let pad = extra.pad_rows.saturating_sub(step.tokens.len());
+    let logit_rows = step.logit_rows.len() + pad;
+    let sampling = if extra.picks.is_empty() {
+        0
+    } else {
+        4 * logit_rows
+    };
+    3 * (step.tokens.len() + pad)
+        + logit_rows
+        + sampling
+        + 2 * step.copies.len()
+        + extra.attention.len()
+}
+
+/// Packs `step`'s tokens, positions, slots, logit rows, the picks' sampling settings and
+/// the block copies, then the attention arrays, into `out`. Padded rows (up to
+/// `extra.pad_rows`) get token 0, position 0, slot -1 (nothing written), their own logit
+/// row and greedy sampling. `Err` when a value does not fit an `i32`, a padded step does
+/// not want every row's logits in order, or `out` is too small (size it with
+/// [`packed_len`]).
 pub fn pack_step(
     step: &super::StepInput,
-    attention: &[i32],
+    extra: &PackExtra<'_>,
     out: &mut [i32],
 ) -> crate::error::Result<PackLayout> {
+    use super::RowPick;
     use crate::error::SpindleError;
-    let need = packed_len(step, attention.len());
+    let rows = step.tokens.len();
+    let pad = extra.pad_rows.saturating_sub(rows);
+    if pad > 0 && !step.logit_rows.iter().copied().eq(0..rows as u32) {
+        return Err(SpindleError::Backend(
+            "a padded step must want the logits of every row, in row order".into(),
+        ));
+    }
+    if !extra.picks.is_empty() && extra.picks.len() != step.logit_rows.len() {
+        return Err(SpindleError::Backend(format!(
+            "{} picks for {} logit rows",
+            extra.picks.len(),
+            step.logit_rows.len()
+        )));
+    }
+    let need = packed_len(step, extra);
     if out.len() < need {
         return Err(SpindleError::Backend(format!(
             "step inputs need {need} staging elements, {} available",
@@ -390,36 +521,88 @@ pub fn pack_step(
         )));
     }
     let mut at = 0usize;
-    let mut put = |what: &str, vals: &mut dyn Iterator<Item = u32>| {
+    let mut put = |what: &str, vals: &mut dyn Iterator<Item = u32>, fill: i32| {
         let start = at;
         for v in vals {
             out[at] = i32::try_from(v)
                 .map_err(|_| SpindleError::Backend(format!("{what} {v} exceeds i32")))?;
             at += 1;
         }
+        out[at..at + pad].fill(fill);
+        at += pad;
         Ok::<_, SpindleError>(start..at)
     };
-    let tokens = put("token", &mut step.tokens.iter().copied())?;
-    let positions = put("position", &mut step.positions.iter().copied())?;
-    let slots = put("slot", &mut step.slots.iter().copied())?;
-    let logit_rows = put("logit row", &mut step.logit_rows.iter().copied())?;
-    let copies = put(
-        "block",
-        &mut step.copies.iter().flat_map(|c| [c.src, c.dst]),
-    )?;
+    let tokens = put("token", &mut step.tokens.iter().copied(), 0)?;
+    let positions = put("position", &mut step.positions.iter().copied(), 0)?;
+    let slots = put("slot", &mut step.slots.iter().copied(), -1)?;
+    let logit_rows = {
+        let r = put("logit row", &mut step.logit_rows.iter().copied(), 0)?;
+        // Each padded row is its own logit row.
+        for (i, x) in out[r.end - pad..r.end].iter_mut().enumerate() {
+            *x = (rows + i) as i32;
+        }
+        r
+    };
+    let sampling = if extra.picks.is_empty() {
+        at..at
+    } else {
+        // [4, logit rows]: temperature (f32 bits), top_k, top_p (f32 bits), uniform (f32
+        // bits, below 1). A Logits row is greedy (its token is not used).
+        let n = logit_rows.len();
+        let start = at;
+        for (i, pick) in extra.picks.iter().enumerate() {
+            let s = match pick {
+                RowPick::Sample(s) => *s,
+                RowPick::Logits => super::RowSampling::GREEDY,
+            };
+            let greedy = s.is_greedy();
+            out[start + i] = (if greedy { 0.0f32 } else { s.temperature }).to_bits() as i32;
+            out[start + n + i] = if greedy {
+                0
+            } else {
+                i32::try_from(s.top_k).unwrap_or(i32::MAX)
+            };
+            out[start + 2 * n + i] = s.top_p.to_bits() as i32;
+            let u = (s.uniform as f32).clamp(0.0, BELOW_ONE);
+            out[start + 3 * n + i] = u.to_bits() as i32;
+        }
+        for i in extra.picks.len()..n {
+            out[start + i] = 0.0f32.to_bits() as i32;
+            out[start + n + i] = 0;
+            out[start + 2 * n + i] = 1.0f32.to_bits() as i32;
+            out[start + 3 * n + i] = 0;
+        }
+        at += 4 * n;
+        start..at
+    };
+    let copies = {
+        let start = at;
+        for c in &step.copies {
+            for v in [c.src, c.dst] {
+                out[at] = i32::try_from(v)
+                    .map_err(|_| SpindleError::Backend(format!("block {v} exceeds i32")))?;
+                at += 1;
+            }
+        }
+        start..at
+    };
     let start = at;
-    out[at..at + attention.len()].copy_from_slice(attention);
-    at += attention.len();
+    out[at..at + extra.attention.len()].copy_from_slice(extra.attention);
+    at += extra.attention.len();
     Ok(PackLayout {
         tokens,
         positions,
         slots,
         logit_rows,
+        sampling,
         copies,
         attention: start..at,
         len: at,
     })
 }
+
+/// The largest `f32` below `1.0` (a uniform rounded to 1.0 would fall past every token).
+const BELOW_ONE: f32 = f32::from_bits(0x3f7f_ffff);
 
 /// Where each attention array sits in [`AttentionArrays::data`] (and, shifted by
 /// [`PackLayout::attention`]`.start`, in the staging buffer). Arrays a kernel does not use
@@ -549,8 +732,8 @@ mod tests {
             ..Default::default()
         };
         let mut buf = vec![-1; 16];
-        let l = pack_step(&step, &[99, 98], &mut buf).expect("fits");
-        assert_eq!(l.len, packed_len(&step, 2));
+        let l = pack_step(&step, &PackExtra::attention(&[99, 98]), &mut buf).expect("fits");
+        assert_eq!(l.len, packed_len(&step, &PackExtra::attention(&[99, 98])));
         assert_eq!(&buf[l.tokens.clone()], &[5, 6, 7]);
         assert_eq!(&buf[l.positions.clone()], &[10, 11, 12]);
         assert_eq!(&buf[l.slots.clone()], &[20, 21, 22]);
@@ -559,14 +742,92 @@ mod tests {
         assert_eq!(&buf[l.attention.clone()], &[99, 98]);
         assert_eq!(buf[l.len], -1, "nothing written past the layout");
         let mut small = vec![0; l.len - 1];
-        assert!(pack_step(&step, &[99, 98], &mut small).is_err());
+        assert!(pack_step(&step, &PackExtra::attention(&[99, 98]), &mut small).is_err());
         let big = crate::backend::StepInput {
             tokens: vec![u32::MAX],
             positions: vec![0],
             slots: vec![0],
             ..Default::default()
         };
-        assert!(pack_step(&big, &[], &mut buf).is_err(), "token beyond i32");
+        assert!(
+            pack_step(&big, &PackExtra::attention(&[]), &mut buf).is_err(),
+            "token beyond i32"
+        );
+    }
+
+    #[test]
+    fn padded_steps_and_device_sampling_pack_as_documented() {
+        use crate::backend::{RowPick, RowSampling};
+        let step = crate::backend::StepInput {
+            tokens: vec![5, 6],
+            positions: vec![10, 11],
+            slots: vec![20, 21],
+            logit_rows: vec![0, 1],
+            ..Default::default()
+        };
+        let hot = RowSampling {
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 0.9,
+            uniform: 0.999_999_999_9,
+        };
+        let picks = [RowPick::Sample(hot), RowPick::Logits];
+        let extra = PackExtra {
+            attention: &[7],
+            picks: &picks,
+            pad_rows: 4,
+        };
+        let mut buf = vec![-9; packed_len(&step, &extra) + 1];
+        let l = pack_step(&step, &extra, &mut buf).expect("fits");
+        assert_eq!(l.len, packed_len(&step, &extra));
+        assert_eq!(&buf[l.tokens.clone()], &[5, 6, 0, 0]);
+        assert_eq!(&buf[l.positions.clone()], &[10, 11, 0, 0]);
+        assert_eq!(
+            &buf[l.slots.clone()],
+            &[20, 21, -1, -1],
+            "padding writes no slot"
+        );
+        assert_eq!(&buf[l.logit_rows.clone()], &[0, 1, 2, 3]);
+        let f = |i: usize| f32::from_bits(buf[l.sampling.start + i] as u32);
+        assert_eq!(l.sampling.len(), 16);
+        assert_eq!(
+            [f(0), f(1), f(2), f(3)],
+            [0.7, 0.0, 0.0, 0.0],
+            "temperatures"
+        );
+        assert_eq!(
+            &buf[l.sampling.start + 4..l.sampling.start + 8],
+            &[20, 0, 0, 0]
+        );
+        assert_eq!([f(8), f(9), f(10), f(11)], [0.9, 1.0, 1.0, 1.0], "top_p");
+        assert!(
+            f(12) < 1.0 && f(12) > 0.9999,
+            "a uniform stays below 1: {}",
+            f(12)
+        );
+        assert_eq!(&buf[l.attention.clone()], &[7]);
+        assert_eq!(buf[l.len], -9);
+
+        // Padding needs every row's logits in order; picks must match the logit rows.
+        let partial = crate::backend::StepInput {
+            logit_rows: vec![1],
+            ..step.clone()
+        };
+        let one = [RowPick::Logits];
+        let e = PackExtra {
+            picks: &one,
+            ..extra
+        };
+        assert!(pack_step(&partial, &e, &mut buf).is_err());
+        let e = PackExtra {
+            picks: &one,
+            pad_rows: 0,
+            ..extra
+        };
+        assert!(
+            pack_step(&step, &e, &mut buf).is_err(),
+            "one pick for two rows"
+        );
     }
 
     #[test]
@@ -599,8 +860,9 @@ mod tests {
             slots: vec![40, 30],
             ..Default::default()
         };
-        let mut buf = vec![-1; packed_len(&step, a.len())];
-        let l = pack_step(&step, &a.data, &mut buf).expect("fits");
+        let extra = PackExtra::attention(&a.data);
+        let mut buf = vec![-1; packed_len(&step, &extra)];
+        let l = pack_step(&step, &extra, &mut buf).expect("fits");
         let r = r.shifted(l.attention.start);
         assert_eq!(l.attention.start, 6);
         assert_eq!(&buf[r.chunk_indptr.clone()], &[0]);
@@ -623,8 +885,15 @@ mod tests {
             logit_rows: 0,
             copies: false,
             attention_launches: 1,
-            greedy: false,
+            tokens: TokenOp::None,
+            logits_back: true,
+            graph: false,
         };
         assert_eq!(StepProgram::build(&cfg, &shape).ops, vec![Op::UploadInputs]);
+        let graph = StepShape {
+            graph: true,
+            ..shape
+        };
+        assert_eq!(StepProgram::build(&cfg, &graph).ops, vec![Op::UploadInputs]);
     }
 }

@@ -802,7 +802,13 @@ pub fn interpret(
     }
     // The merge kernel: per (merge row, head), partials in view order, in f32.
     for &row in &lp.merge_rows {
-        let row = row as usize;
+        // Padding (-1) and out-of-range entries are skipped, as the merge kernel does.
+        let Ok(row) = usize::try_from(row) else {
+            continue;
+        };
+        if row >= lp.num_rows {
+            continue;
+        }
         let ps = &lp.row_parts[lp.row_part_ptr[row] as usize..lp.row_part_ptr[row + 1] as usize];
         for head in 0..num_heads {
             let (mut m, mut den) = (f32::NEG_INFINITY, 0.0f32);

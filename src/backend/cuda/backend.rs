@@ -36,6 +36,7 @@ use cudarc::driver::{CudaEvent, PinnedHostSlice};
 
 use super::kernels::{self as kern, CacheShape, Chunks, DecodeWorkspace, ForkedPlan, KvCache};
 use super::lowering::host_attention;
+use super::pool::GraphMode;
 pub use super::pool::{CudaOptions, KvPoolSize, PoolInfo};
 use super::profile::{nvtx_requested, profiler, range};
 use super::weights::{
@@ -45,10 +46,13 @@ use super::{Blas, CudaError, Gpu};
 use crate::backend::profile::profile_steps;
 use crate::backend::step_program::{
     forked_attention_launches, pack_step, packed_len, stage_capacity, ArenaLayout, AttentionArrays,
-    AttentionRanges, Gemm, Op, PackLayout, StepCounters, StepProgram, StepShape,
+    AttentionRanges, Gemm, Op, PackExtra, PackLayout, StepCounters, StepProgram, StepShape,
+    TokenOp,
 };
 use crate::backend::weights::Weights;
-use crate::backend::{Backend, StepInput, Weight};
+use crate::backend::{Backend, RowPick, RowSampling, StepInput, Weight, NO_TOKEN};
+
+mod graphs;
 use crate::error::{Result, SpindleError};
 use crate::plan::lower::{lower, lower_into, LowerConfig, LoweredPlan, UNIT_WIDTH};
 
@@ -99,7 +103,10 @@ pub(super) enum AttnLaunch {
 /// The current step's inputs on the device: every array is a range of the staging
 /// buffer's device twin (`stage_d`), filled by the step's one host-to-device copy.
 pub(super) struct StepBufs {
+    /// Rows the kernels run over (a graph step's bucket, padding included).
     rows: usize,
+    /// The step's own logit rows (what comes back to the host).
+    real_logit_rows: usize,
     /// Where tokens, positions, slots, logit rows, block pairs and the attention arrays sit
     /// in `stage_d`.
     pack: PackLayout,
@@ -159,6 +166,15 @@ pub struct CudaBackend {
     attn_kernel: AttnKernel,
     /// Streaming multiprocessors (the split rule of the v2 lowering).
     num_sms: usize,
+    /// `[max logit rows]` pinned host buffer the chosen token ids are copied into.
+    tokens_h: PinnedHostSlice<i32>,
+    /// The step's program (rebuilt in place each step: no allocation).
+    program: StepProgram,
+    /// Decode graphs per bucket, and how graph-shaped steps run.
+    graphs: graphs::Graphs,
+    /// Bumped whenever a buffer a captured graph points into is reallocated (arena,
+    /// staging); with the workspace's allocation count it tells a graph it is stale.
+    realloc_gen: u64,
 }
 
 /// The fused step's activation buffers ([`ArenaLayout`]), allocated once.
@@ -278,6 +294,11 @@ impl CudaBackend {
         // Split-KV / v2 partials, sized for `max_step_partials` so the first long step does
         // not allocate (its allocations and memsets count in `counters()`).
         let ws = DecodeWorkspace::with_partials(&stream, opts.max_step_partials, heads, hd)?;
+        counters.allocations += 1;
+        // SAFETY: cudarc's pinned allocation (FFI edge); only the token ids a step has just
+        // copied in are read.
+        let tokens_h = drv(unsafe { gpu.ctx().alloc_pinned::<i32>(layout.logit_rows.max(1)) })?;
+        let graph_mode = GraphMode::from_env(opts.graphs)?;
         drv(stream.synchronize())?;
 
         // K/V pool.
@@ -348,6 +369,10 @@ impl CudaBackend {
             steps: 0,
             attn_kernel,
             num_sms,
+            tokens_h,
+            program: StepProgram::default(),
+            graphs: graphs::Graphs::new(graph_mode, opts.max_graph_rows),
+            realloc_gen: 0,
         })
     }
 
@@ -365,7 +390,13 @@ impl CudaBackend {
     }
 
     /// The shape of the step in progress, as its program needs it.
-    fn shape_of(&self, s: &StepBufs, copies: bool, greedy: bool) -> StepShape {
+    fn shape_of(
+        &self,
+        s: &StepBufs,
+        copies: bool,
+        tokens: TokenOp,
+        logits_back: bool,
+    ) -> StepShape {
         let attention_launches = match s.launch {
             AttnLaunch::Decode { max_view }
                 if kern::decode_num_splits(max_view, self.opts.partition_size) > 1 =>
@@ -384,7 +415,9 @@ impl CudaBackend {
             logit_rows: s.num_logit_rows,
             copies,
             attention_launches,
-            greedy,
+            tokens,
+            logits_back,
+            graph: false,
         }
     }
 
@@ -416,7 +449,9 @@ impl CudaBackend {
                 logit_rows: step.logit_rows.len(),
                 copies: !step.copies.is_empty(),
                 attention_launches,
-                greedy: false,
+                tokens: TokenOp::None,
+                logits_back: true,
+                graph: false,
             },
         ))
     }
@@ -425,17 +460,20 @@ impl CudaBackend {
     /// (`argmax`, lowest index on ties, as the CPU sampler's) and brings back only those
     /// ids, in logit-row order, over `tokens`.
     pub fn forward_greedy(&mut self, step: &StepInput, tokens: &mut Vec<u32>) -> Result<()> {
+        let picks = vec![RowPick::Sample(RowSampling::GREEDY); step.logit_rows.len()];
         let mut unused = Vec::new();
-        self.run_fused(step, &mut unused, tokens, true)
+        self.run_fused(step, Some(&picks), &mut unused, tokens)
     }
 
-    /// The fused step: [`StepProgram`] run in the arena.
+    /// The fused step: [`StepProgram`] run in the arena, or replayed as a CUDA graph when
+    /// the step has a graph's shape (`graphs.rs`). `picks`: tokens chosen on the device
+    /// (one per logit row; `None`: logits only).
     fn run_fused(
         &mut self,
         step: &StepInput,
+        picks: Option<&[RowPick]>,
         logits: &mut Vec<f32>,
         tokens: &mut Vec<u32>,
-        greedy: bool,
     ) -> Result<()> {
         logits.clear();
         tokens.clear();
@@ -449,22 +487,31 @@ impl CudaBackend {
         // NVTX ranges only while someone profiles: each one allocates a C string.
         let marks = profile.is_some() || nvtx_requested();
         let _step = range(marks, "step");
-        self.ensure_capacity(step.tokens.len(), step.logit_rows.len())?;
-        {
-            let _r = range(marks, "begin_step");
-            self.begin_step(step)?;
-        }
-        let program = {
-            let s = self.step_bufs()?;
-            StepProgram::build(
-                &self.cfg,
-                &self.shape_of(s, !step.copies.is_empty(), greedy),
-            )
+        let (token_op, logits_back) = token_plan(picks);
+        let graphed = match (picks, self.graphs.bucket_of(step, self.attn_kernel)) {
+            (Some(p), Some(bucket)) => self.run_graph_step(step, p, bucket, marks)?,
+            _ => false,
         };
-        for &op in &program.ops {
-            let _r = range(marks, op.name());
-            self.run_op(op, logits, tokens)?;
+        if !graphed {
+            self.ensure_capacity(step.tokens.len(), step.logit_rows.len())?;
+            {
+                let _r = range(marks, "begin_step");
+                self.begin_step_with(step, picks.unwrap_or(&[]), 0)?;
+            }
+            let shape = {
+                let s = self.step_bufs()?;
+                self.shape_of(s, !step.copies.is_empty(), token_op, logits_back)
+            };
+            let mut program = std::mem::take(&mut self.program);
+            program.build_into(&self.cfg, &shape);
+            let r = program.ops.iter().try_for_each(|&op| {
+                let _r = range(marks, op.name());
+                self.run_op(op)
+            });
+            self.program = program;
+            r?;
         }
+        self.collect(picks, logits_back, logits, tokens)?;
         if profile.is_some_and(|r| r.end == n + 1) {
             drv(self.stream().synchronize())?;
             profiler(false)?;
@@ -472,8 +519,48 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Copies the step's results back: the chosen token ids (the real rows';
+    /// [`NO_TOKEN`] for a `Logits` pick) and, when some row asked or none was chosen on
+    /// the device, the logits of the real logit rows.
+    fn collect(
+        &mut self,
+        picks: Option<&[RowPick]>,
+        logits_back: bool,
+        logits: &mut Vec<f32>,
+        tokens: &mut Vec<u32>,
+    ) -> Result<()> {
+        let s = self.step_bufs()?;
+        let m = s.real_logit_rows;
+        if m == 0 {
+            return Ok(());
+        }
+        let stream = self.stream().clone();
+        let vocab = self.cfg.vocab_size;
+        if let Some(picks) = picks {
+            let _r = range(profile_steps().is_some() || nvtx_requested(), "download");
+            drv(stream.memcpy_dtoh(&self.arena.tokens.slice(0..m), &mut self.tokens_h))?;
+            self.counters.d2h_copies += 1;
+            drv(stream.synchronize())?;
+            let ids = drv(self.tokens_h.as_slice())?;
+            tokens.extend(ids[..m].iter().zip(picks).map(|(&t, p)| match p {
+                RowPick::Logits => NO_TOKEN,
+                RowPick::Sample(_) => t as u32,
+            }));
+        }
+        if logits_back {
+            logits.resize(m * vocab, 0.0);
+            drv(stream.memcpy_dtoh(
+                &self.arena.logits.slice(0..m * vocab),
+                logits.as_mut_slice(),
+            ))?;
+            drv(stream.synchronize())?;
+            self.counters.d2h_copies += 1;
+        }
+        Ok(())
+    }
+
     /// One op of the fused step (see [`StepProgram`]), counted.
-    fn run_op(&mut self, op: Op, logits: &mut Vec<f32>, tokens: &mut Vec<u32>) -> Result<()> {
+    fn run_op(&mut self, op: Op) -> Result<()> {
         let s = self
             .step
             .as_ref()
@@ -501,8 +588,13 @@ impl CudaBackend {
         let nh = rows * hidden;
         let mut launches = 1;
         match op {
-            // Done (and counted) by begin_step.
-            Op::UploadInputs | Op::CopyBlocks => launches = 0,
+            // Done (and counted) by begin_step, the graph step and `collect`.
+            Op::UploadInputs | Op::CopyBlocks | Op::Download | Op::DownloadTokens => launches = 0,
+            Op::GraphLaunch => {
+                launches = 0;
+                self.graphs.launch(s.rows)?;
+                self.counters.graph_launches += 1;
+            }
             Op::Embed => kern::embedding::<bf16>(
                 &stream,
                 &mut a.x.slice_mut(0..nh),
@@ -673,20 +765,39 @@ impl CudaBackend {
                 &mut a.tokens.slice_mut(0..m),
                 &a.logits.slice(0..m * vocab),
             )?,
-            Op::DownloadTokens => {
-                launches = 0;
-                let mut ids = vec![0i32; m];
-                drv(stream.memcpy_dtoh(&a.tokens.slice(0..m), ids.as_mut_slice()))?;
-                drv(stream.synchronize())?;
-                self.counters.d2h_copies += 1;
-                tokens.extend(ids.iter().map(|&t| t as u32));
-            }
-            Op::Download => {
-                launches = 0;
-                logits.resize(m * vocab, 0.0);
-                drv(stream.memcpy_dtoh(&a.logits.slice(0..m * vocab), logits.as_mut_slice()))?;
-                drv(stream.synchronize())?;
-                self.counters.d2h_copies += 1;
+            Op::Sample => {
+                let sp = s.pack.sampling.clone(); // [4, m]: temperature, top_k, top_p, uniform
+                if sp.len() != 4 * m {
+                    return Err(backend_err(format!(
+                        "sampling settings of {} elements for {m} rows",
+                        sp.len()
+                    )));
+                }
+                let part = |i: usize| stage.slice(sp.start + i * m..sp.start + (i + 1) * m);
+                let (t, k, p, u) = (part(0), part(1), part(2), part(3));
+                // SAFETY: reinterpreting int32 staging elements as f32 (same size and
+                // alignment); `pack_step` wrote them as f32 bit patterns.
+                let (t, p, u) = unsafe {
+                    (
+                        t.transmute::<f32>(m),
+                        p.transmute::<f32>(m),
+                        u.transmute::<f32>(m),
+                    )
+                };
+                let (Some(t), Some(p), Some(u)) = (t, p, u) else {
+                    return Err(backend_err("sampling settings outside the staging buffer"));
+                };
+                kern::sample(
+                    &stream,
+                    &mut a.tokens.slice_mut(0..m),
+                    &a.logits.slice(0..m * vocab),
+                    &kern::SampleParams {
+                        temperature: &t,
+                        top_k: &k,
+                        top_p: &p,
+                        uniform: &u,
+                    },
+                )?
             }
         }
         self.counters.launches += launches;
@@ -710,6 +821,11 @@ impl CudaBackend {
             let layout =
                 ArenaLayout::new(&self.cfg, rows.max(l.rows), logit_rows.max(l.logit_rows));
             self.arena = Arena::new(&stream, layout, &mut self.counters)?;
+            self.realloc_gen += 1;
+            // SAFETY: cudarc's pinned allocation (FFI edge); only ids just copied in are read.
+            self.tokens_h =
+                drv(unsafe { self.gpu.ctx().alloc_pinned::<i32>(layout.logit_rows.max(1)) })?;
+            self.counters.allocations += 1;
         }
         Ok(())
     }
@@ -721,7 +837,134 @@ impl CudaBackend {
             let (h, d) = alloc_stage(&self.gpu, cap, &mut self.counters)?;
             self.stage_h = h;
             self.stage_d = d;
+            self.realloc_gen += 1;
         }
+        Ok(())
+    }
+
+    /// Checks a step's arrays against each other, the vocabulary and the pool.
+    fn check_step(&self, step: &StepInput) -> Result<()> {
+        let rows = step.tokens.len();
+        if step.positions.len() != rows || step.slots.len() != rows || step.plan.num_rows != rows {
+            return Err(backend_err(format!(
+                "step arrays disagree: {rows} tokens, {} positions, {} slots, plan of {} rows",
+                step.positions.len(),
+                step.slots.len(),
+                step.plan.num_rows
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SpindleError::TokenOutOfVocab { token: t, vocab });
+        }
+        let (nb, bs) = (self.pool.num_blocks, self.pool.block_size);
+        if let Some(&s) = step.slots.iter().find(|&&s| s as usize >= nb * bs) {
+            return Err(backend_err(format!(
+                "slot {s} outside the pool ({nb} blocks of {bs})"
+            )));
+        }
+        if let Some(&r) = step.logit_rows.iter().find(|&&r| r as usize >= rows) {
+            return Err(backend_err(format!("logit row {r} of a {rows}-row step")));
+        }
+        if let Some(c) = step
+            .copies
+            .iter()
+            .find(|c| c.src as usize >= nb || c.dst as usize >= nb)
+        {
+            return Err(backend_err(format!("block copy {c:?} outside the pool")));
+        }
+        Ok(())
+    }
+
+    /// [`Backend::begin_step`] with the picks' sampling settings packed too, and rows
+    /// padded to `pad_rows` (0: none; a graph step pads with [`Self::stage_inputs`]).
+    fn begin_step_with(
+        &mut self,
+        step: &StepInput,
+        picks: &[RowPick],
+        pad_rows: usize,
+    ) -> Result<()> {
+        self.step = None;
+        self.check_step(step)?;
+        // The attention arrays first (into `attn_host`, kept across steps), then everything
+        // packed into the pinned staging buffer: tokens, positions, slots, logit rows,
+        // sampling settings, block pairs and the attention arrays travel in one async copy.
+        self.attn_host.clear();
+        let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let (attn, launch) = match self.attn_kernel {
+            AttnKernel::V1 => self.attention_v1(step, gqa)?,
+            AttnKernel::V2 => self.attention_v2(step)?,
+        };
+        self.stage_inputs(step, picks, pad_rows, attn, launch)
+    }
+
+    /// Packs `step` (rows padded to `pad_rows`) with `picks` and the attention arrays in
+    /// `attn_host` (at `attn`) into the staging buffer, sends it in one copy, runs the
+    /// block copies, and records the step's buffers.
+    fn stage_inputs(
+        &mut self,
+        step: &StepInput,
+        picks: &[RowPick],
+        pad_rows: usize,
+        attn: AttentionRanges,
+        launch: AttnLaunch,
+    ) -> Result<()> {
+        let rows = step.tokens.len();
+        let stream = self.stream().clone();
+        let extra = PackExtra {
+            attention: &self.attn_host.data,
+            picks,
+            pad_rows,
+        };
+        let need = packed_len(step, &extra);
+        // The previous step's copy out of the staging buffer must be done before it is
+        // overwritten or, when this step grows it, freed (a step without logits ends
+        // without a synchronisation).
+        drv(self.staged.synchronize())?;
+        self.ensure_stage(rows.max(pad_rows), need)?;
+        let extra = PackExtra {
+            attention: &self.attn_host.data,
+            picks,
+            pad_rows,
+        };
+        let host = drv(self.stage_h.as_mut_slice())?;
+        let pack = pack_step(step, &extra, host)?;
+        if pack.len > 0 {
+            let src = &drv(self.stage_h.as_slice())?[..pack.len];
+            drv(stream.memcpy_htod(src, &mut self.stage_d.slice_mut(0..pack.len)))?;
+            drv(self.staged.record(&stream))?;
+            self.counters.h2d_copies += 1;
+        }
+        let attn = attn.shifted(pack.attention.start);
+
+        // Copy-on-write block copies, every layer in one launch.
+        if !step.copies.is_empty() {
+            let shape = self.cache_shape();
+            let pairs = self.stage_d.slice(pack.copies.clone());
+            let mut ks: Vec<&mut dyn DevicePtrMut<bf16>> = self
+                .k_cache
+                .iter_mut()
+                .map(|c| c as &mut dyn DevicePtrMut<bf16>)
+                .collect();
+            let mut vs: Vec<&mut dyn DevicePtrMut<bf16>> = self
+                .v_cache
+                .iter_mut()
+                .map(|c| c as &mut dyn DevicePtrMut<bf16>)
+                .collect();
+            kern::copy_blocks(&stream, &mut ks, &mut vs, &pairs, shape)?;
+            self.counters.launches += 1;
+        }
+
+        self.kv_tokens_read += step.plan.kv_tokens_read * self.cfg.num_layers as u64;
+        let padded = pad_rows.max(rows);
+        self.step = Some(StepBufs {
+            rows: padded,
+            real_logit_rows: step.logit_rows.len(),
+            pack,
+            num_logit_rows: step.logit_rows.len() + (padded - rows),
+            attn,
+            launch,
+        });
         Ok(())
     }
 
@@ -906,7 +1149,31 @@ impl Backend for CudaBackend {
             return crate::model::layer_loop(self, step, logits);
         }
         let mut unused = Vec::new();
-        self.run_fused(step, logits, &mut unused, false)
+        self.run_fused(step, None, logits, &mut unused)
+    }
+
+    /// The fused step choosing tokens on the device: greedy and sampled rows through the
+    /// argmax or sampling kernel, only token ids coming back (and the logits when some row
+    /// picks [`RowPick::Logits`]); a pure-decode step replays its bucket's CUDA graph.
+    fn forward_sampled(
+        &mut self,
+        step: &StepInput,
+        picks: &[RowPick],
+        logits: &mut Vec<f32>,
+        tokens: &mut Vec<u32>,
+    ) -> Result<()> {
+        if picks.len() != step.logit_rows.len() {
+            return Err(backend_err(format!(
+                "{} picks for {} logit rows",
+                picks.len(),
+                step.logit_rows.len()
+            )));
+        }
+        if !self.opts.fused_step {
+            crate::model::layer_loop(self, step, logits)?;
+            return crate::backend::sample_on_host(logits, self.cfg.vocab_size, picks, tokens);
+        }
+        self.run_fused(step, Some(picks), logits, tokens)
     }
 
     fn name(&self) -> &'static str {
@@ -926,90 +1193,7 @@ impl Backend for CudaBackend {
     }
 
     fn begin_step(&mut self, step: &StepInput) -> Result<()> {
-        self.step = None;
-        let rows = step.tokens.len();
-        if step.positions.len() != rows || step.slots.len() != rows || step.plan.num_rows != rows {
-            return Err(backend_err(format!(
-                "step arrays disagree: {rows} tokens, {} positions, {} slots, plan of {} rows",
-                step.positions.len(),
-                step.slots.len(),
-                step.plan.num_rows
-            )));
-        }
-        let vocab = self.cfg.vocab_size;
-        if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(SpindleError::TokenOutOfVocab { token: t, vocab });
-        }
-        let (nb, bs) = (self.pool.num_blocks, self.pool.block_size);
-        if let Some(&s) = step.slots.iter().find(|&&s| s as usize >= nb * bs) {
-            return Err(backend_err(format!(
-                "slot {s} outside the pool ({nb} blocks of {bs})"
-            )));
-        }
-        if let Some(&r) = step.logit_rows.iter().find(|&&r| r as usize >= rows) {
-            return Err(backend_err(format!("logit row {r} of a {rows}-row step")));
-        }
-        if let Some(c) = step
-            .copies
-            .iter()
-            .find(|c| c.src as usize >= nb || c.dst as usize >= nb)
-        {
-            return Err(backend_err(format!("block copy {c:?} outside the pool")));
-        }
-        let stream = self.stream().clone();
-
-        // The attention arrays first (into `attn_host`, kept across steps), then everything
-        // packed into the pinned staging buffer: tokens, positions, slots, logit rows, block
-        // pairs and the attention arrays travel in one async copy.
-        self.attn_host.clear();
-        let gqa = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let (attn, launch) = match self.attn_kernel {
-            AttnKernel::V1 => self.attention_v1(step, gqa)?,
-            AttnKernel::V2 => self.attention_v2(step)?,
-        };
-        let need = packed_len(step, self.attn_host.len());
-        // The previous step's copy out of the staging buffer must be done before it is
-        // overwritten or, when this step grows it, freed (a step without logits ends
-        // without a synchronisation).
-        drv(self.staged.synchronize())?;
-        self.ensure_stage(rows, need)?;
-        let host = drv(self.stage_h.as_mut_slice())?;
-        let pack = pack_step(step, &self.attn_host.data, host)?;
-        if pack.len > 0 {
-            let src = &drv(self.stage_h.as_slice())?[..pack.len];
-            drv(stream.memcpy_htod(src, &mut self.stage_d.slice_mut(0..pack.len)))?;
-            drv(self.staged.record(&stream))?;
-            self.counters.h2d_copies += 1;
-        }
-        let attn = attn.shifted(pack.attention.start);
-
-        // Copy-on-write block copies, every layer in one launch.
-        if !step.copies.is_empty() {
-            let shape = self.cache_shape();
-            let pairs = self.stage_d.slice(pack.copies.clone());
-            let mut ks: Vec<&mut dyn DevicePtrMut<bf16>> = self
-                .k_cache
-                .iter_mut()
-                .map(|c| c as &mut dyn DevicePtrMut<bf16>)
-                .collect();
-            let mut vs: Vec<&mut dyn DevicePtrMut<bf16>> = self
-                .v_cache
-                .iter_mut()
-                .map(|c| c as &mut dyn DevicePtrMut<bf16>)
-                .collect();
-            kern::copy_blocks(&stream, &mut ks, &mut vs, &pairs, shape)?;
-            self.counters.launches += 1;
-        }
-
-        self.kv_tokens_read += step.plan.kv_tokens_read * self.cfg.num_layers as u64;
-        self.step = Some(StepBufs {
-            rows,
-            pack,
-            num_logit_rows: step.logit_rows.len(),
-            attn,
-            launch,
-        });
-        Ok(())
+        self.begin_step_with(step, &[], 0)
     }
 
     fn embed(&mut self) -> Result<DevMat> {
@@ -1268,6 +1452,25 @@ impl Backend for CudaBackend {
         self.counters.d2h_copies += 1;
         Ok(())
     }
+}
+
+/// How a step with `picks` chooses its tokens on the device, and whether its logits come
+/// back: the argmax kernel when every row is greedy (or wants logits), else the sampling
+/// kernel; logits when some row wants them or nothing is chosen on the device.
+fn token_plan(picks: Option<&[RowPick]>) -> (TokenOp, bool) {
+    let Some(picks) = picks else {
+        return (TokenOp::None, true);
+    };
+    let logits_back = picks.iter().any(|p| matches!(p, RowPick::Logits));
+    let sample = picks
+        .iter()
+        .any(|p| matches!(p, RowPick::Sample(s) if !s.is_greedy()));
+    let op = if sample {
+        TokenOp::Sample
+    } else {
+        TokenOp::Argmax
+    };
+    (op, logits_back)
 }
 
 /// Attention of `q` over one layer's cache per the step's lowered plan (kernel v1's decode

@@ -206,6 +206,20 @@ impl DecodeWorkspace {
         Ok(ws)
     }
 
+    /// Makes room for `partials` partials of `num_q_heads` heads of `head_dim`, allocating
+    /// (zero-filled, counted) only when it holds fewer: done before a CUDA graph is
+    /// captured, so that no launch inside the capture allocates.
+    pub fn reserve(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        partials: usize,
+        num_q_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let lse_len = (partials * num_q_heads).max(1);
+        self.ensure(stream, lse_len * head_dim.max(1), lse_len)
+    }
+
     fn ensure(&mut self, stream: &Arc<CudaStream>, o_len: usize, lse_len: usize) -> Result<()> {
         if self.part_o.as_ref().is_none_or(|b| b.len() < o_len) {
             self.part_o = Some(stream.alloc_zeros::<f32>(o_len)?);

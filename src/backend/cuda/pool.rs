@@ -38,6 +38,39 @@ pub struct CudaOptions {
     /// Run whole steps as the fused program (`StepProgram`); `false`: the op-by-op layer
     /// loop (every op allocates its output), for debugging.
     pub fused_step: bool,
+    /// CUDA graphs for steps that choose their tokens on the device and want every row's
+    /// token (pure decode): see [`GraphMode`]. `SPINDLE_CUDA_GRAPHS` (`on`, `off`,
+    /// `padded`) overrides it at load.
+    pub graphs: GraphMode,
+    /// Rows of the largest step run as a graph (steps with more run eagerly).
+    pub max_graph_rows: usize,
+}
+
+/// How the CUDA backend runs the steps a graph could run (`backend::graph_layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphMode {
+    /// Every step eagerly, unpadded.
+    Off,
+    /// Captured per bucket of row counts, then replayed: one graph launch a step.
+    On,
+    /// The graph's padded program, launched op by op without capturing: the eager twin
+    /// a graph is checked against (debugging).
+    PaddedEager,
+}
+
+impl GraphMode {
+    /// `SPINDLE_CUDA_GRAPHS` if set (`on`/`1`, `off`/`0`, `padded`), else `default`.
+    pub fn from_env(default: GraphMode) -> crate::error::Result<Self> {
+        match std::env::var("SPINDLE_CUDA_GRAPHS").as_deref() {
+            Err(_) | Ok("") => Ok(default),
+            Ok("on") | Ok("1") => Ok(Self::On),
+            Ok("off") | Ok("0") => Ok(Self::Off),
+            Ok("padded") => Ok(Self::PaddedEager),
+            Ok(other) => Err(crate::error::SpindleError::InvalidSetting(format!(
+                "SPINDLE_CUDA_GRAPHS={other}: expected on, off or padded"
+            ))),
+        }
+    }
 }
 
 impl Default for CudaOptions {
@@ -52,6 +85,8 @@ impl Default for CudaOptions {
             max_logit_rows: 256,
             max_step_partials: crate::backend::step_program::DEFAULT_MAX_STEP_PARTIALS,
             fused_step: true,
+            graphs: GraphMode::On,
+            max_graph_rows: crate::backend::graph_layout::DEFAULT_MAX_GRAPH_ROWS,
         }
     }
 }

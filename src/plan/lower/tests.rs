@@ -551,6 +551,49 @@ fn interpreter_matches_cpu_attention_on_random_trees() {
             worst = worst.max(err / tol);
         }
         checked_rows += plan.num_rows;
+
+        // The same lowering padded for a CUDA graph (rows to a bucket, every array to
+        // capacities beyond its need) gives the real rows exactly the same outputs.
+        let rows = plan.num_rows;
+        let bucket = crate::backend::graph_layout::bucket_for(rows, usize::MAX).unwrap_or(rows);
+        let caps = crate::backend::graph_layout::GraphCaps {
+            rows: bucket,
+            units: 0,
+            partials: 0,
+            chunks: 0,
+        }
+        .grown_for(&lp);
+        let caps = crate::backend::graph_layout::GraphCaps {
+            units: caps.units + 3,
+            partials: caps.partials + 5,
+            chunks: caps.chunks + 2,
+            ..caps
+        };
+        let mut padded = LoweredPlan::default();
+        crate::backend::graph_layout::pad_lowered_into(&lp, &caps, &mut padded)
+            .unwrap_or_else(|e| panic!("case {case_no}: {e}"));
+        let mut q_padded = q.clone();
+        q_padded.resize(bucket * num_heads * head_dim, 0.0);
+        let got_padded = interpret(
+            &padded,
+            &q_padded,
+            &k,
+            &v,
+            InterpShape {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                block_size: 16,
+                tile_tokens: c.tile_tokens,
+            },
+        );
+        assert!(
+            got_padded[..got.len()]
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "case {case_no}: padding changed a real row"
+        );
     }
     assert!(checked_rows > 200, "{checked_rows} rows checked");
     assert_eq!(saw, (true, true, true), "splits, forked items, direct rows");
