@@ -110,3 +110,97 @@ fn a_steady_decode_step_allocates_nothing() {
         "a steady decode step updates the plan in place"
     );
 }
+
+/// The CUDA backend's host work per decode step allocates nothing once warm: kernel v2's
+/// lowering into the kept `LoweredPlan`, the attention arrays, the packed inputs with the
+/// device-sampling settings, the step program rebuilt in place, and for a CUDA-graph step
+/// the padding to the bucket's capacities. Decode steps of W = 64 threads over a shared
+/// 4k prefix whose tails grow (each step's plan differs), replayed after a warm-up pass.
+#[test]
+fn the_cuda_steps_host_work_allocates_nothing() {
+    use model_loader::{preset_config, Arch, Preset};
+    use spindle::backend::graph_layout::{bucket_for, pad_lowered_into, GraphCaps};
+    use spindle::backend::step_program::{
+        pack_step, AttentionArrays, PackExtra, StepProgram, StepShape, TokenOp,
+    };
+    use spindle::backend::{RowPick, RowSampling};
+    use spindle::plan::lower::{lower_into, LowerConfig, LoweredPlan};
+    const W: usize = 64;
+    let cfg = preset_config(Arch::Qwen3, Preset::P1_7B);
+    let steps: Vec<_> = (0..16)
+        .map(|age| common::decode::decode_step(W, 4096, age))
+        .collect();
+    let num_blocks = steps.iter().map(|s| s.1).max().expect("steps");
+    let mut lc = LowerConfig::new(cfg.num_heads, cfg.num_kv_heads, num_blocks, 16);
+    lc.num_sms = 132;
+    let picks = vec![
+        RowPick::Sample(RowSampling {
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 0.95,
+            uniform: 0.5,
+        });
+        W
+    ];
+    let bucket = bucket_for(W, 256).expect("bucket");
+    let caps = GraphCaps::initial(bucket, 132);
+    let (mut lowered, mut padded) = (LoweredPlan::default(), LoweredPlan::default());
+    let mut arrays = AttentionArrays::default();
+    let mut staging = vec![0i32; 1 << 16];
+    let mut program = StepProgram::default();
+    let mut host_step = |step: &spindle::backend::StepInput| {
+        lower_into(&step.plan, &lc, &mut lowered).expect("lowers");
+        // Eager: the lowering as is.
+        arrays.clear();
+        arrays.push_lowered(&lowered);
+        let extra = PackExtra {
+            attention: &arrays.data,
+            picks: &picks,
+            pad_rows: 0,
+        };
+        pack_step(step, &extra, &mut staging).expect("packs");
+        let shape = StepShape {
+            rows: W,
+            logit_rows: W,
+            copies: false,
+            attention_launches: 2,
+            tokens: TokenOp::Sample,
+            logits_back: false,
+            graph: false,
+        };
+        program.build_into(&cfg, &shape);
+        // Graph: padded to the bucket.
+        pad_lowered_into(&lowered, &caps, &mut padded).expect("fits the bucket");
+        arrays.clear();
+        arrays.push_lowered(&padded);
+        let extra = PackExtra {
+            attention: &arrays.data,
+            picks: &picks,
+            pad_rows: bucket,
+        };
+        pack_step(step, &extra, &mut staging).expect("packs");
+        program.build_into(
+            &cfg,
+            &StepShape {
+                graph: true,
+                ..shape
+            },
+        );
+    };
+    for (s, _) in &steps {
+        host_step(s);
+    }
+    COUNTING.with(|c| c.set(true));
+    for _ in 0..4 {
+        for (s, _) in &steps {
+            host_step(s);
+        }
+    }
+    COUNTING.with(|c| c.set(false));
+    let allocs = ALLOCS.load(Ordering::SeqCst);
+    eprintln!("{allocs} allocations in 64 steps of the CUDA step's host work at W = {W}");
+    assert_eq!(
+        allocs, 0,
+        "the CUDA step's host work must not allocate once warm"
+    );
+}

@@ -11,10 +11,11 @@ use spindle::backend::step_program::{
     forked_attention_launches, pack_step, packed_len, stage_capacity, AttentionArrays, Op,
     PackExtra, StepProgram, StepShape, TokenOp, DEFAULT_MAX_STEP_PARTIALS,
 };
-use spindle::backend::{RowPick, RowSampling, StepInput};
-use spindle::kv::Chunk;
+use spindle::backend::{RowPick, RowSampling};
 use spindle::plan::lower::{lower, lower_into, LowerConfig, LoweredPlan};
-use spindle::plan::{AttentionMode, AttentionPlan, PlanRow, PlanThread};
+
+mod common;
+use common::decode::decode_step;
 
 /// The targets for a decode step.
 const MAX_LAUNCHES_PER_LAYER: u64 = 12;
@@ -155,45 +156,6 @@ fn every_layer_runs_each_fused_op_once() {
     assert_eq!(p.ops.first(), Some(&Op::UploadInputs));
     assert_eq!(p.ops.get(1), Some(&Op::CopyBlocks));
     assert_eq!(p.ops.last(), Some(&Op::Download));
-}
-
-/// A decode step of `w` threads over a shared `prefix`-token prefix (16-token blocks
-/// `0..prefix / 16`), thread t with a tail of `1 + (t + age) % 16` tokens in block
-/// `prefix / 16 + t`: one row each, seeing its whole view.
-fn decode_step(w: usize, prefix: u32, age: usize) -> (StepInput, usize) {
-    const BS: u32 = 16;
-    let shared: Vec<Chunk> = (0..prefix / BS)
-        .map(|b| Chunk {
-            block: b,
-            start: 0,
-            len: BS,
-        })
-        .collect();
-    let mut step = StepInput::default();
-    let mut threads = Vec::new();
-    for t in 0..w {
-        let tail = 1 + ((t + age) % 16) as u32;
-        let block = prefix / BS + t as u32;
-        let mut chunks = shared.clone();
-        chunks.push(Chunk {
-            block,
-            start: 0,
-            len: tail,
-        });
-        step.tokens.push((t * 7 + age) as u32);
-        step.positions.push(prefix + tail - 1);
-        step.slots.push(block * BS + tail - 1);
-        step.logit_rows.push(t as u32);
-        threads.push(PlanThread {
-            chunks,
-            rows: vec![PlanRow {
-                row: t as u32,
-                limit: prefix + tail,
-            }],
-        });
-    }
-    step.plan = AttentionPlan::build(&threads, AttentionMode::Forked, 0);
-    (step, (prefix / BS) as usize + w)
 }
 
 /// The attention arrays travel in the step's one copy: kernel v2's lowering of a real

@@ -211,6 +211,49 @@ pub struct LoweredPlan {
     pub per_thread_items: usize,
     /// K/V tokens staged per kv-head over all units (each unit's range once).
     pub tokens_staged: u64,
+    /// The lowering's working memory, kept with its output so that [`lower_into`] on a
+    /// steady step allocates nothing (never part of the result: equal whatever it holds).
+    pub scratch: LowerScratch,
+}
+
+/// [`lower_into`]'s working memory (flat vectors, cleared and refilled each call).
+#[derive(Debug, Clone, Default)]
+pub struct LowerScratch {
+    /// `[plan partials]` item of each partial (validation).
+    partial_item: Vec<usize>,
+    /// `[items]` tokens of each item.
+    item_len: Vec<u64>,
+    /// `[plan partials]` times each partial is merged (validation).
+    seen: Vec<usize>,
+    /// `[items]` most tokens any of its rows sees.
+    item_visible: Vec<u64>,
+    /// One item's partials that see something of it.
+    ps: Vec<usize>,
+    /// Row groups sharing units, and their partials back to back.
+    groups: Vec<Group>,
+    group_partials: Vec<usize>,
+    /// (plan partial, lowered partial) in lowering order, then as a CSR by plan partial.
+    pairs: Vec<(u32, i32)>,
+    lowered_ptr: Vec<usize>,
+    lowered_ids: Vec<i32>,
+    /// The current item's splits.
+    splits: Vec<Split>,
+}
+
+impl PartialEq for LowerScratch {
+    /// Scratch never distinguishes two lowerings.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// Partials of one item that share units (a forked row tile, or one row per-thread),
+/// with the tokens its rows see: `partials` is a range of `LowerScratch::group_partials`.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    item: usize,
+    partials: (usize, usize),
+    visible: u64,
 }
 
 impl LoweredPlan {
@@ -263,7 +306,11 @@ struct Split {
 }
 
 /// Checks everything the kernel relies on.
-fn validate(plan: &AttentionPlan, cfg: &LowerConfig) -> Result<(), LowerError> {
+fn validate(
+    plan: &AttentionPlan,
+    cfg: &LowerConfig,
+    sc: &mut LowerScratch,
+) -> Result<(), LowerError> {
     let items = plan.num_items();
     let rows = plan.num_rows;
     if plan.row_limit.len() != rows {
@@ -306,7 +353,9 @@ fn validate(plan: &AttentionPlan, cfg: &LowerConfig) -> Result<(), LowerError> {
         }
     }
     fit("pool slots", cfg.num_blocks as u64 * cfg.block_size as u64)?;
-    let mut partial_item = vec![0usize; plan.item_rows.len()];
+    let partial_item = &mut sc.partial_item;
+    partial_item.clear();
+    partial_item.resize(plan.item_rows.len(), 0);
     for item in 0..items {
         let range = plan.item_row_ptr[item] as usize..plan.item_row_ptr[item + 1] as usize;
         partial_item[range.clone()].fill(item);
@@ -322,15 +371,17 @@ fn validate(plan: &AttentionPlan, cfg: &LowerConfig) -> Result<(), LowerError> {
             }
         }
     }
-    let item_len: Vec<u64> = (0..items)
-        .map(|i| {
-            plan.chunks[plan.item_chunk_ptr[i] as usize..plan.item_chunk_ptr[i + 1] as usize]
-                .iter()
-                .map(|c| c.len as u64)
-                .sum()
-        })
-        .collect();
-    let mut seen = vec![0usize; plan.item_rows.len()];
+    let item_len = &mut sc.item_len;
+    item_len.clear();
+    item_len.extend((0..items).map(|i| {
+        plan.chunks[plan.item_chunk_ptr[i] as usize..plan.item_chunk_ptr[i + 1] as usize]
+            .iter()
+            .map(|c| c.len as u64)
+            .sum::<u64>()
+    }));
+    let seen = &mut sc.seen;
+    seen.clear();
+    seen.resize(plan.item_rows.len(), 0);
     for r in 0..rows {
         let ps = &plan.row_partials
             [plan.row_partial_ptr[r] as usize..plan.row_partial_ptr[r + 1] as usize];
@@ -394,8 +445,9 @@ fn item_splits(
     view_start: u64,
     visible: u64,
     len: u64,
-) -> Vec<Split> {
-    let mut out = Vec::new();
+    out: &mut Vec<Split>,
+) {
+    out.clear();
     let (mut ci, mut chunk_view) = (c0, view_start); // chunk ci starts at view index chunk_view
     let mut begin = view_start;
     let end = view_start + visible;
@@ -420,7 +472,6 @@ fn item_splits(
         });
         begin = stop;
     }
-    out
 }
 
 fn round_up(x: u64, m: u64) -> u64 {
@@ -454,7 +505,20 @@ pub fn lower_into(
             cfg.gqa, cfg.cta_rows
         )));
     }
-    validate(plan, cfg)?;
+    let mut sc = std::mem::take(&mut out.scratch);
+    let r = lower_with(plan, cfg, out, &mut sc);
+    out.scratch = sc;
+    r
+}
+
+/// [`lower_into`]'s body, with its scratch taken out of `out`.
+fn lower_with(
+    plan: &AttentionPlan,
+    cfg: &LowerConfig,
+    out: &mut LoweredPlan,
+    sc: &mut LowerScratch,
+) -> Result<(), LowerError> {
+    validate(plan, cfg, sc)?;
     let tile = cfg.tile_tokens as u64;
     let rows_per_unit = cfg.rows_per_unit();
     let visible = |p: usize, item: usize| -> u64 {
@@ -465,36 +529,30 @@ pub fn lower_into(
 
     // Groups of partials (rows) that share units: per item, row tiles (forked) or single
     // rows (per-thread). Each with the tokens its rows see.
-    struct Group {
-        item: usize,
-        partials: Vec<usize>,
-        visible: u64,
-    }
-    let mut groups: Vec<Group> = Vec::new();
+    sc.groups.clear();
+    sc.group_partials.clear();
     let (mut forked_items, mut per_thread_items) = (0, 0);
-    let mut item_visible = vec![0u64; items];
-    #[allow(clippy::needless_range_loop)] // `item` indexes several plan arrays
+    sc.item_visible.clear();
+    sc.item_visible.resize(items, 0);
     for item in 0..items {
-        let len: u64 = plan.chunks
-            [plan.item_chunk_ptr[item] as usize..plan.item_chunk_ptr[item + 1] as usize]
-            .iter()
-            .map(|c| c.len as u64)
-            .sum();
-        let ps: Vec<usize> = (plan.item_row_ptr[item] as usize
-            ..plan.item_row_ptr[item + 1] as usize)
-            .filter(|&p| visible(p, item) > 0)
-            .collect();
-        if ps.is_empty() {
+        let len = sc.item_len[item];
+        sc.ps.clear();
+        sc.ps.extend(
+            (plan.item_row_ptr[item] as usize..plan.item_row_ptr[item + 1] as usize)
+                .filter(|&p| visible(p, item) > 0),
+        );
+        if sc.ps.is_empty() {
             continue;
         }
         let vis = |p: usize| visible(p, item).min(len);
-        item_visible[item] = ps.iter().map(|&p| vis(p)).max().unwrap_or(0);
-        let row_tiles: Vec<&[usize]> = ps.chunks(rows_per_unit).collect();
-        let forked_cost: u64 = row_tiles
-            .iter()
-            .map(|t| round_up(t.iter().map(|&p| vis(p)).max().unwrap_or(0), tile))
+        sc.item_visible[item] = sc.ps.iter().map(|&p| vis(p)).max().unwrap_or(0);
+        let tile_visible = |t: &[usize]| t.iter().map(|&p| vis(p)).max().unwrap_or(0);
+        let forked_cost: u64 = sc
+            .ps
+            .chunks(rows_per_unit)
+            .map(|t| round_up(tile_visible(t), tile))
             .sum();
-        let per_thread_cost: u64 = ps.iter().map(|&p| round_up(vis(p), tile)).sum();
+        let per_thread_cost: u64 = sc.ps.iter().map(|&p| round_up(vis(p), tile)).sum();
         let forked = match cfg.dispatch {
             Dispatch::Forked => true,
             Dispatch::PerThread => false,
@@ -502,19 +560,22 @@ pub fn lower_into(
         };
         if forked {
             forked_items += 1;
-            for t in row_tiles {
-                groups.push(Group {
+            for t in sc.ps.chunks(rows_per_unit) {
+                let start = sc.group_partials.len();
+                sc.group_partials.extend_from_slice(t);
+                sc.groups.push(Group {
                     item,
-                    partials: t.to_vec(),
-                    visible: t.iter().map(|&p| vis(p)).max().unwrap_or(0),
+                    partials: (start, sc.group_partials.len()),
+                    visible: tile_visible(t),
                 });
             }
         } else {
             per_thread_items += 1;
-            for &p in &ps {
-                groups.push(Group {
+            for &p in &sc.ps {
+                sc.group_partials.push(p);
+                sc.groups.push(Group {
                     item,
-                    partials: vec![p],
+                    partials: (sc.group_partials.len() - 1, sc.group_partials.len()),
                     visible: vis(p),
                 });
             }
@@ -522,6 +583,7 @@ pub fn lower_into(
     }
 
     // The split length.
+    let groups = &sc.groups;
     let longest = groups.iter().map(|g| g.visible).max().unwrap_or(0);
     let split = match cfg.split_tokens {
         Some(l) => round_up(l.max(1) as u64, tile),
@@ -565,32 +627,35 @@ pub fn lower_into(
     ] {
         v.clear();
     }
-    let mut lowered_of: Vec<Vec<i32>> = vec![Vec::new(); plan.item_rows.len()];
-    let mut splits_of: Vec<Option<Vec<Split>>> = vec![None; items];
-    for g in &groups {
+    sc.pairs.clear();
+    let mut split_item = usize::MAX; // the item whose splits `sc.splits` holds
+    for g in groups {
         let item = g.item;
         let view_start = plan.item_view_start[item] as u64;
-        let splits = splits_of[item].get_or_insert_with(|| {
+        if split_item != item {
+            // An item's groups are consecutive: its splits are cut once.
             item_splits(
                 plan,
                 plan.item_chunk_ptr[item] as usize,
                 plan.item_chunk_ptr[item + 1] as usize,
                 view_start,
-                item_visible[item],
+                sc.item_visible[item],
                 split,
-            )
-        });
-        for s in splits.iter() {
+                &mut sc.splits,
+            );
+            split_item = item;
+        }
+        for s in sc.splits.iter() {
             if s.view_begin >= view_start + g.visible {
                 break;
             }
             let end = s.view_end.min(view_start + g.visible);
             let row_begin = out.unit_rows.len();
-            for &p in &g.partials {
+            for &p in &sc.group_partials[g.partials.0..g.partials.1] {
                 let row = plan.item_rows[p] as usize;
                 if (plan.row_limit[row] as u64) > s.view_begin {
                     let k = fit("partials", out.unit_rows.len() as u64)?;
-                    lowered_of[p].push(k);
+                    sc.pairs.push((p as u32, k));
                     out.unit_rows.push(row as i32);
                 }
             }
@@ -623,13 +688,37 @@ pub fn lower_into(
         }
     }
 
+    // Each plan partial's lowered partials, in split order: a stable counting sort of
+    // the (plan partial, lowered partial) pairs by plan partial.
+    let n = plan.item_rows.len();
+    sc.lowered_ptr.clear();
+    sc.lowered_ptr.resize(n + 1, 0);
+    for &(p, _) in &sc.pairs {
+        sc.lowered_ptr[p as usize + 1] += 1;
+    }
+    for i in 0..n {
+        sc.lowered_ptr[i + 1] += sc.lowered_ptr[i];
+    }
+    sc.lowered_ids.clear();
+    sc.lowered_ids.resize(sc.pairs.len(), 0);
+    for &(p, k) in &sc.pairs {
+        let at = &mut sc.lowered_ptr[p as usize];
+        sc.lowered_ids[*at] = k;
+        *at += 1;
+    }
+    // `lowered_ptr[p]` now ends partial p's list; it starts where p - 1's ends.
+    let lowered_of = |p: usize| {
+        let a = if p == 0 { 0 } else { sc.lowered_ptr[p - 1] };
+        &sc.lowered_ids[a..sc.lowered_ptr[p]]
+    };
+
     // Merge CSR in view order.
     out.row_part_ptr.push(0);
     for r in 0..plan.num_rows {
         for &p in &plan.row_partials
             [plan.row_partial_ptr[r] as usize..plan.row_partial_ptr[r + 1] as usize]
         {
-            out.row_parts.extend_from_slice(&lowered_of[p as usize]);
+            out.row_parts.extend_from_slice(lowered_of(p as usize));
         }
         out.row_part_ptr
             .push(fit("partials", out.row_parts.len() as u64)?);
