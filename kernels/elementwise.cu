@@ -103,12 +103,17 @@ __global__ void __launch_bounds__(256)
 // The fused step's q/k/v epilogue: one warp per (token, head) of a [tokens, hq + 2 hk, d]
 // q/k/v projection output. Bit-identical to spindle_bias_add, then spindle_rmsnorm over
 // each q and k head (n = d <= 256: a warp per row, the same lane striding and reduction),
-// then spindle_rope_neox, on separate q, k, v buffers.
+// then spindle_rope_neox, on separate q, k, v buffers. With a cache (k_cache non-null),
+// k and v heads go straight to their token's slot of the paged cache instead
+// ([num_slots, hk, d] slot-major, as spindle_kv_write; a slot outside [0, num_slots) is
+// skipped): the K/V write fused in.
 __global__ void __launch_bounds__(256)
     qkv_prep_kernel(__nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k,
                     __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ qkv,
                     const __nv_bfloat16* __restrict__ bias, const __nv_bfloat16* __restrict__ q_norm,
                     const __nv_bfloat16* __restrict__ k_norm, const int32_t* __restrict__ positions,
+                    __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
+                    const int32_t* __restrict__ slots, int64_t num_slots,
                     int num_tokens, int hq, int hk, int d, float eps, float theta) {
     const int lane = threadIdx.x & 31;
     const int heads = hq + 2 * hk;
@@ -121,14 +126,25 @@ __global__ void __launch_bounds__(256)
     __nv_bfloat16* dst;
     const __nv_bfloat16* nw;
     bool rotate = true;
+    // Where a k or v head goes: its row of k / v, or its token's cache slot.
+    int64_t kv_row = tok;
+    __nv_bfloat16* kd = k;
+    __nv_bfloat16* vd = v;
+    if (k_cache != nullptr && h >= hq) {
+        const int slot = slots[tok];
+        if (slot < 0 || slot >= num_slots) return;
+        kv_row = slot;
+        kd = k_cache;
+        vd = v_cache;
+    }
     if (h < hq) {
         dst = q + (tok * hq + h) * d;
         nw = q_norm;
     } else if (h < hq + hk) {
-        dst = k + (tok * hk + (h - hq)) * d;
+        dst = kd + (kv_row * hk + (h - hq)) * d;
         nw = k_norm;
     } else {
-        dst = v + (tok * hk + (h - hq - hk)) * d;
+        dst = vd + (kv_row * hk + (h - hq - hk)) * d;
         nw = nullptr;
         rotate = false;
     }
@@ -307,7 +323,31 @@ extern "C" int spindle_qkv_prep(sp_bf16* q, sp_bf16* k, sp_bf16* v, const sp_bf1
     const int64_t grid = (items + 7) / 8;
     if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
     spindle::qkv_prep_kernel<<<(unsigned)grid, 256, 0, stream>>>(
-        q, k, v, qkv, bias, q_norm, k_norm, positions, num_tokens, num_q_heads, num_kv_heads,
-        head_dim, eps, theta);
+        q, k, v, qkv, bias, q_norm, k_norm, positions, nullptr, nullptr, nullptr, 0,
+        num_tokens, num_q_heads, num_kv_heads, head_dim, eps, theta);
+    return cudaGetLastError();
+}
+
+extern "C" int spindle_qkv_prep_cache(sp_bf16* q, sp_bf16* k_cache, sp_bf16* v_cache,
+                                      const int32_t* slots, int32_t num_blocks,
+                                      int32_t block_size, const sp_bf16* qkv,
+                                      const sp_bf16* bias, const sp_bf16* q_norm,
+                                      const sp_bf16* k_norm, const int32_t* positions,
+                                      int32_t num_tokens, int32_t num_q_heads,
+                                      int32_t num_kv_heads, int32_t head_dim, float eps,
+                                      float theta, sp_stream stream) {
+    if (num_tokens < 0 || num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
+        head_dim > 256 || head_dim % 2 != 0 || !(theta > 0.f) ||
+        (q_norm == nullptr) != (k_norm == nullptr) || num_blocks < 0 || block_size <= 0 ||
+        k_cache == nullptr || v_cache == nullptr || slots == nullptr)
+        return cudaErrorInvalidValue;
+    const int64_t items = (int64_t)num_tokens * (num_q_heads + 2 * num_kv_heads);
+    if (items == 0) return cudaSuccess;
+    const int64_t grid = (items + 7) / 8;
+    if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+    spindle::qkv_prep_kernel<<<(unsigned)grid, 256, 0, stream>>>(
+        q, nullptr, nullptr, qkv, bias, q_norm, k_norm, positions, k_cache, v_cache, slots,
+        (int64_t)num_blocks * block_size, num_tokens, num_q_heads, num_kv_heads, head_dim, eps,
+        theta);
     return cudaGetLastError();
 }

@@ -220,6 +220,24 @@ int spindle_qkv_prep(
     int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
     float eps, float theta, sp_stream stream);
 
+// spindle_qkv_prep with the K/V write fused in: k and v heads go straight to their token's
+// slot of the paged caches (as spindle_kv_write; slots[t] outside [0, num_blocks *
+// block_size) skips token t's k and v), q to q. Bit-identical to spindle_qkv_prep followed
+// by spindle_kv_write.
+int spindle_qkv_prep_cache(
+    sp_bf16* q,                    // [num_tokens, num_q_heads, head_dim]
+    sp_bf16* k_cache,              // [num_blocks, block_size, num_kv_heads, head_dim]
+    sp_bf16* v_cache,              // [num_blocks, block_size, num_kv_heads, head_dim]
+    const int32_t* slots,          // [num_tokens]
+    int32_t num_blocks, int32_t block_size,
+    const sp_bf16* qkv,            // [num_tokens, num_q_heads + 2 num_kv_heads, head_dim]
+    const sp_bf16* bias,           // [(num_q_heads + 2 num_kv_heads) head_dim] or NULL
+    const sp_bf16* q_norm,         // [head_dim] or NULL
+    const sp_bf16* k_norm,         // [head_dim] or NULL
+    const int32_t* positions,      // [num_tokens]
+    int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
+    float eps, float theta, sp_stream stream);
+
 // out = silu(gate) * up. gate/up rows have stride ld (merged gate_up: up = gate + n, ld = 2n).
 int spindle_silu_mul(
     sp_bf16* out,                  // [rows, n]

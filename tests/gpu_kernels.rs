@@ -1469,7 +1469,9 @@ fn linear_bf16_f32_accumulate() {
 // ------------------------------------------------------------------ fused q/k/v epilogue
 
 /// `qkv_prep` (one launch) gives bit for bit what the unfused sequence gives: the q/k/v
-/// GEMM output split by heads, `bias_add`, `rmsnorm_inplace` per q and k head, `rope_neox`.
+/// GEMM output split by heads, `bias_add`, `rmsnorm_inplace` per q and k head, `rope_neox`;
+/// and with the K/V write fused in (`KvDest::Cache`), the caches `kv_write` would leave,
+/// a token with slot -1 writing nothing.
 #[test]
 fn qkv_prep_equals_bias_norm_rope_in_sequence() {
     const T: &str = "qkv_prep_equals_bias_norm_rope_in_sequence";
@@ -1521,12 +1523,15 @@ fn qkv_prep_equals_bias_norm_rope_in_sequence() {
             up(&s, &vec![bf16::ZERO; t * kd]),
         );
         let b_d = up(&s, &b);
+        let qkv_d = up(&s, &qkv);
         kernels::qkv_prep(
             &s,
             &mut q,
-            &mut k,
-            &mut v,
-            &up(&s, &qkv),
+            kernels::KvDest::Buffers {
+                k: &mut k,
+                v: &mut v,
+            },
+            &qkv_d,
             bias.then_some(&b_d as kernels::In<'_, bf16>),
             norm.then_some((
                 &qn_d as kernels::In<'_, bf16>,
@@ -1547,7 +1552,73 @@ fn qkv_prep_equals_bias_norm_rope_in_sequence() {
         assert_eq!(bits(down(&s, &q)), bits(down(&s, &q_ref)), "q, {what}");
         assert_eq!(bits(down(&s, &k)), bits(down(&s, &k_ref)), "k, {what}");
         assert_eq!(bits(down(&s, &v)), bits(down(&s, &v_ref)), "v, {what}");
-        println!("{T}: {what}: q, k, v bit-identical");
+
+        // The K/V write fused in: token i goes to slot 3 t - 2 i (token 1: slot -1, none).
+        let shape = CacheShape {
+            num_blocks: 2,
+            block_size: 2 * t,
+            num_kv_heads: hk,
+            head_dim: d,
+        };
+        let slots: Vec<i32> = (0..t)
+            .map(|i| if i == 1 { -1 } else { (3 * t - 2 * i) as i32 })
+            .collect();
+        let slots_d = up(&s, &slots);
+        let junk = rng.bf16s(shape.elems(), 1.0);
+        let (mut kc_ref, mut vc_ref) = (up(&s, &junk), up(&s, &junk));
+        kernels::kv_write(
+            &s,
+            &k_ref,
+            &v_ref,
+            &mut kc_ref,
+            &mut vc_ref,
+            &slots_d,
+            shape,
+        )
+        .expect("kv_write");
+        let (mut kc, mut vc) = (up(&s, &junk), up(&s, &junk));
+        let mut q2 = up(&s, &vec![bf16::ZERO; t * qd]);
+        kernels::qkv_prep(
+            &s,
+            &mut q2,
+            kernels::KvDest::Cache {
+                k_cache: &mut kc,
+                v_cache: &mut vc,
+                slots: &slots_d,
+                shape,
+            },
+            &qkv_d,
+            bias.then_some(&b_d as kernels::In<'_, bf16>),
+            norm.then_some((
+                &qn_d as kernels::In<'_, bf16>,
+                &kn_d as kernels::In<'_, bf16>,
+            )),
+            &pos_d,
+            kernels::QkvShape {
+                num_q_heads: hq,
+                num_kv_heads: hk,
+                head_dim: d,
+                eps,
+                theta,
+            },
+        )
+        .expect("qkv_prep into the cache");
+        assert_eq!(
+            bits(down(&s, &q2)),
+            bits(down(&s, &q_ref)),
+            "q (cache), {what}"
+        );
+        assert_eq!(
+            bits(down(&s, &kc)),
+            bits(down(&s, &kc_ref)),
+            "k cache, {what}"
+        );
+        assert_eq!(
+            bits(down(&s, &vc)),
+            bits(down(&s, &vc_ref)),
+            "v cache, {what}"
+        );
+        println!("{T}: {what}: q, k, v and the fused cache write bit-identical");
     }
     // Shapes the kernel cannot take are typed errors before any launch.
     let z = up(&s, &[bf16::ZERO; 8]);
@@ -1560,5 +1631,9 @@ fn qkv_prep_equals_bias_norm_rope_in_sequence() {
         theta: 1e4,
     };
     let (mut a, mut b2, mut c) = (z.clone(), z.clone(), z.clone());
-    assert!(kernels::qkv_prep(&s, &mut a, &mut b2, &mut c, &z, None, None, &p, bad).is_err());
+    let kv = kernels::KvDest::Buffers {
+        k: &mut b2,
+        v: &mut c,
+    };
+    assert!(kernels::qkv_prep(&s, &mut a, kv, &z, None, None, &p, bad).is_err());
 }

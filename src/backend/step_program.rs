@@ -75,11 +75,9 @@ pub enum Op {
     Gemm { layer: usize, gemm: Gemm },
     /// The o_proj bias (models with `o_bias`), a launch of its own.
     OBias { layer: usize },
-    /// Split the q/k/v GEMM's output into q, k, v with bias, q/k head norm and RoPE, one
-    /// launch.
+    /// Split the q/k/v GEMM's output with bias, q/k head norm and RoPE into q, writing k
+    /// and v straight into `layer`'s cache slots (the K/V write fused in): one launch.
     QkvPrep { layer: usize },
-    /// Write the step's K and V rows into `layer`'s cache slots.
-    KvWrite { layer: usize },
     /// Attention of `layer` (`launches`: 2 for split-KV decode, which merges partials).
     Attention { layer: usize, launches: u64 },
     /// `act = silu(gate) * up` over the merged gate/up output.
@@ -108,7 +106,6 @@ impl Op {
             | Op::Gemm { layer, .. }
             | Op::QkvPrep { layer }
             | Op::OBias { layer }
-            | Op::KvWrite { layer }
             | Op::Attention { layer, .. }
             | Op::SiluMul { layer } => Some(layer),
             Op::AddNorm { layer, .. } => Some(layer),
@@ -132,7 +129,6 @@ impl Op {
             },
             Op::OBias { .. } => "bias_add",
             Op::QkvPrep { .. } => "qkv_prep",
-            Op::KvWrite { .. } => "kv_write",
             Op::Attention { .. } => "attention",
             Op::SiluMul { .. } => "silu_mul",
             Op::GatherLogitRows => "gather_logit_rows",
@@ -271,7 +267,6 @@ impl StepProgram {
                     gemm: Gemm::Qkv,
                 },
                 Op::QkvPrep { layer },
-                Op::KvWrite { layer },
                 Op::Attention {
                     layer,
                     launches: shape.attention_launches,
@@ -362,10 +357,9 @@ pub struct ArenaLayout {
     pub hidden: usize,
     /// `[rows, q + 2 kv]` fused projection output.
     pub qkv: usize,
-    /// `[rows, q]` rotated queries, and again the attention output.
+    /// `[rows, q]` rotated queries, and again the attention output (keys and values go
+    /// straight to the cache).
     pub q: usize,
-    /// `[rows, kv]` rotated keys, and again the values.
-    pub kv: usize,
     /// `[rows, 2 inter]` merged gate/up output.
     pub gate_up: usize,
     /// `[rows, inter]` silu(gate) * up.
@@ -385,7 +379,6 @@ impl ArenaLayout {
             hidden: n(cfg.hidden_size),
             qkv: n(cfg.q_dim() + 2 * cfg.kv_dim()),
             q: n(cfg.q_dim()),
-            kv: n(cfg.kv_dim()),
             gate_up: n(2 * cfg.intermediate_size),
             act: n(cfg.intermediate_size),
             logits_f32: (logit_rows * cfg.vocab_size).max(1),
@@ -394,7 +387,7 @@ impl ArenaLayout {
 
     /// Bytes of device memory the buffers take.
     pub fn bytes(&self) -> usize {
-        2 * (4 * self.hidden + self.qkv + 2 * self.q + 2 * self.kv + self.gate_up + self.act)
+        2 * (4 * self.hidden + self.qkv + 2 * self.q + self.gate_up + self.act)
             + 4 * self.logits_f32
     }
 }

@@ -187,8 +187,6 @@ struct Arena {
     qkv: CudaSlice<bf16>,     // [rows, q + 2 kv]
     q: CudaSlice<bf16>,       // [rows, q]
     attn: CudaSlice<bf16>,    // [rows, q]
-    k: CudaSlice<bf16>,       // [rows, kv]
-    v: CudaSlice<bf16>,       // [rows, kv]
     gate_up: CudaSlice<bf16>, // [rows, 2 inter]
     act: CudaSlice<bf16>,     // [rows, inter]
     logits: CudaSlice<f32>,   // [logit_rows, vocab]
@@ -213,8 +211,6 @@ impl Arena {
             qkv: b(layout.qkv)?,
             q: b(layout.q)?,
             attn: b(layout.q)?,
-            k: b(layout.kv)?,
-            v: b(layout.kv)?,
             gate_up: b(layout.gate_up)?,
             act: b(layout.act)?,
             logits: {
@@ -693,11 +689,20 @@ impl CudaBackend {
                     }
                     _ => None,
                 };
+                let (Some(kc), Some(vc)) =
+                    (self.k_cache.get_mut(layer), self.v_cache.get_mut(layer))
+                else {
+                    return Err(backend_err(format!("no layer {layer}")));
+                };
                 kern::qkv_prep(
                     &stream,
                     &mut a.q.slice_mut(0..rows * qd),
-                    &mut a.k.slice_mut(0..rows * kvd),
-                    &mut a.v.slice_mut(0..rows * kvd),
+                    kern::KvDest::Cache {
+                        k_cache: kc,
+                        v_cache: vc,
+                        slots: &stage.slice(s.pack.slots.clone()),
+                        shape,
+                    },
                     &a.qkv.slice(0..rows * (qd + 2 * kvd)),
                     l.qkv.bias.as_ref().map(|b| b as kern::In<'_, bf16>),
                     norms,
@@ -709,20 +714,6 @@ impl CudaBackend {
                         eps,
                         theta: cfg.rope_theta,
                     },
-                )?
-            }
-            Op::KvWrite { layer } => {
-                self.k_cache
-                    .get(layer)
-                    .ok_or_else(|| backend_err(format!("no layer {layer}")))?;
-                kern::kv_write(
-                    &stream,
-                    &a.k.slice(0..rows * kvd),
-                    &a.v.slice(0..rows * kvd),
-                    &mut self.k_cache[layer],
-                    &mut self.v_cache[layer],
-                    &stage.slice(s.pack.slots.clone()),
-                    shape,
                 )?
             }
             Op::Attention { layer, .. } => {

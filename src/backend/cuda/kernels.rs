@@ -963,16 +963,30 @@ pub struct QkvShape {
     pub theta: f32,
 }
 
+/// Where [`qkv_prep`] puts the keys and values.
+pub enum KvDest<'a> {
+    /// `[tokens, hk * d]` buffers each.
+    Buffers { k: Out<'a, bf16>, v: Out<'a, bf16> },
+    /// Each token's slot of the paged caches (`slots[t]` outside the pool skips token t):
+    /// the K/V write fused in, bit-identical to [`kv_write`] after the split.
+    Cache {
+        k_cache: Out<'a, bf16>, // [num_blocks, block_size, hk, d]
+        v_cache: Out<'a, bf16>, // [num_blocks, block_size, hk, d]
+        slots: In<'a, i32>,     // [tokens]
+        shape: CacheShape,
+    },
+}
+
 /// The fused step's q/k/v epilogue (one launch): splits the `[tokens, (hq + 2 hk) * d]`
-/// output of the concatenated q/k/v GEMM into `q`, `k`, `v`, adding `bias`, applying the
-/// per-head `norms` (q_norm, k_norm) and NeoX RoPE at `positions` to q and k; the same
-/// numbers as [`bias_add`], [`rmsnorm_inplace`] and [`rope_neox`] in sequence.
+/// output of the concatenated q/k/v GEMM into `q` and the keys and values (`kv`), adding
+/// `bias`, applying the per-head `norms` (q_norm, k_norm) and NeoX RoPE at `positions` to
+/// q and k; the same numbers as [`bias_add`], [`rmsnorm_inplace`] and [`rope_neox`] in
+/// sequence (and [`kv_write`] for [`KvDest::Cache`]).
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_prep(
     stream: &Arc<CudaStream>,
-    q: Out<'_, bf16>,                            // [tokens, hq * d]
-    k: Out<'_, bf16>,                            // [tokens, hk * d]
-    v: Out<'_, bf16>,                            // [tokens, hk * d]
+    q: Out<'_, bf16>, // [tokens, hq * d]
+    kv: KvDest<'_>,
     qkv: In<'_, bf16>,                           // [tokens, (hq + 2 hk) * d]
     bias: Option<In<'_, bf16>>,                  // [(hq + 2 hk) * d]
     norms: Option<(In<'_, bf16>, In<'_, bf16>)>, // [d] each
@@ -991,8 +1005,32 @@ pub fn qkv_prep(
     let width = (hq + 2 * hk) * d;
     expect_len(K, "qkv", qkv.len(), t * width)?;
     expect_len(K, "q", q.len(), t * hq * d)?;
-    expect_len(K, "k", k.len(), t * hk * d)?;
-    expect_len(K, "v", v.len(), t * hk * d)?;
+    match &kv {
+        KvDest::Buffers { k, v } => {
+            expect_len(K, "k", k.len(), t * hk * d)?;
+            expect_len(K, "v", v.len(), t * hk * d)?;
+        }
+        KvDest::Cache {
+            k_cache,
+            v_cache,
+            slots,
+            shape: cs,
+        } => {
+            if cs.num_kv_heads != hk || cs.head_dim != d || cs.block_size == 0 {
+                return Err(CudaError::shape(
+                    K,
+                    format!(
+                        "cache of {} kv heads of {} for {hk} of {d}",
+                        cs.num_kv_heads, cs.head_dim
+                    ),
+                ));
+            }
+            expect_len(K, "k_cache", k_cache.len(), cs.elems())?;
+            expect_len(K, "v_cache", v_cache.len(), cs.elems())?;
+            expect_len(K, "slots", slots.len(), t)?;
+            i32_of(K, "num_blocks * block_size", cs.num_blocks * cs.block_size)?;
+        }
+    }
     i32_of(K, "qkv elements", qkv.len())?;
     if let Some(b) = bias {
         expect_len(K, "bias", b.len(), width)?;
@@ -1020,28 +1058,72 @@ pub fn qkv_prep(
         None => (std::ptr::null(), std::ptr::null(), None, None),
     };
     let (qp, _g5) = wr!(q, stream, ffi::sp_bf16);
-    let (kp, _g6) = wr!(k, stream, ffi::sp_bf16);
-    let (vp, _g7) = wr!(v, stream, ffi::sp_bf16);
-    // SAFETY: every length checked against tokens x heads x head_dim above; bias and norms
-    // are null or checked; guards held until the call returns.
-    let code = unsafe {
-        ffi::spindle_qkv_prep(
-            qp,
-            kp,
-            vp,
-            xp,
-            bp,
-            qnp,
-            knp,
-            pp,
-            i32_of(K, "num_tokens", t)?,
-            i32_of(K, "num_q_heads", hq)?,
-            i32_of(K, "num_kv_heads", hk)?,
-            i32_of(K, "head_dim", d)?,
-            shape.eps,
-            shape.theta,
-            cu(stream),
-        )
+    let (nt, nq, nk, hd) = (
+        i32_of(K, "num_tokens", t)?,
+        i32_of(K, "num_q_heads", hq)?,
+        i32_of(K, "num_kv_heads", hk)?,
+        i32_of(K, "head_dim", d)?,
+    );
+    let code = match kv {
+        KvDest::Buffers { k, v } => {
+            let (kp, _g6) = wr!(k, stream, ffi::sp_bf16);
+            let (vp, _g7) = wr!(v, stream, ffi::sp_bf16);
+            // SAFETY: every length checked against tokens x heads x head_dim above; bias
+            // and norms are null or checked; guards held until the call returns.
+            unsafe {
+                ffi::spindle_qkv_prep(
+                    qp,
+                    kp,
+                    vp,
+                    xp,
+                    bp,
+                    qnp,
+                    knp,
+                    pp,
+                    nt,
+                    nq,
+                    nk,
+                    hd,
+                    shape.eps,
+                    shape.theta,
+                    cu(stream),
+                )
+            }
+        }
+        KvDest::Cache {
+            k_cache,
+            v_cache,
+            slots,
+            shape: cs,
+        } => {
+            let (kc, _g6) = wr!(k_cache, stream, ffi::sp_bf16);
+            let (vc, _g7) = wr!(v_cache, stream, ffi::sp_bf16);
+            let (sp, _g8) = rd!(slots, stream, i32);
+            // SAFETY: as above; the caches hold num_blocks x block_size slots of hk x d
+            // (checked) and the kernel skips slots outside them; guards held.
+            unsafe {
+                ffi::spindle_qkv_prep_cache(
+                    qp,
+                    kc,
+                    vc,
+                    sp,
+                    i32_of(K, "num_blocks", cs.num_blocks)?,
+                    i32_of(K, "block_size", cs.block_size)?,
+                    xp,
+                    bp,
+                    qnp,
+                    knp,
+                    pp,
+                    nt,
+                    nq,
+                    nk,
+                    hd,
+                    shape.eps,
+                    shape.theta,
+                    cu(stream),
+                )
+            }
+        }
     };
     CudaError::check(K, code)
 }
