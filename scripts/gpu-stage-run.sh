@@ -17,7 +17,8 @@
 #   5. memcheck over the kernel tests and over the engine's CPU-vs-CUDA tests
 #   6. racecheck over the attention kernel tests
 #   7. the gpu_attention benchmark, kernel v1 beside v2 (its CSV lands in $OUT)
-#   8. the decode benchmark, whole steps at the 0.6b and 1.7b shapes (CSV in $OUT)
+#   8. the decode benchmark, whole steps and a forked tree against one thread at the 0.6b
+#      and 1.7b shapes (decode.csv in $OUT; the tree's CSV appended to its log)
 #
 # Every step ends PASS, FAIL or SKIP (no GPU). The first line of $OUT/summary.txt is the
 # verdict: PASS only when a GPU was found and every step passed; FAIL with the failed steps;
@@ -384,6 +385,12 @@ if [ -z "$STOPPED" ]; then
         fail "$bench_name" "no cuda result rows"
     else
         pass "$bench_name" "$(grep -cE '^[0-9a-z.]+ +cuda ' "$DECODELOG") cuda rows"
+    fi
+    # The tree section's CSV goes into the log (its table is there too): the device
+    # returns at most 8 files from $OUT, and the bundle already writes 8.
+    if [ -f "$OUT/decode_tree.csv" ]; then
+        { echo "== decode_tree.csv"; cat "$OUT/decode_tree.csv"; } >>"$DECODELOG"
+        rm -f "$OUT/decode_tree.csv"
     fi
     rm -rf "$SPINDLE_SCRATCH/decode-models"
 fi
