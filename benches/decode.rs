@@ -30,8 +30,10 @@
 //!   anywhere.
 //! - With `--features cuda` and a GPU: the CUDA backend (fused step) on the 0.6b and 1.7b
 //!   shapes (`--quick`: 0.6b only; `--with-8b` adds 8b; 16 GB written first) with a
-//!   4096-token prefix, both sections on one backend per shape. CUDA graphs are not
-//!   implemented yet, so every step row has `graphs` = off.
+//!   4096-token prefix, both sections on one backend per shape. Its step rows choose the
+//!   greedy tokens on the device (`forward_sampled`: only token ids come back), each W
+//!   twice: replayed as a CUDA graph (`graphs` = on) and launched eagerly (off), the two
+//!   interleaved so a drift of the machine hits both.
 //!
 //! Writes `target/bench/decode.csv` (`SPINDLE_BENCH_DIR` overrides; the checkpoints go to
 //! `SPINDLE_SCRATCH/decode-models` when it is set) with the columns
@@ -150,6 +152,29 @@ fn time_steps<B: Backend>(b: &mut B, step: &StepInput, steps: usize) -> f64 {
         spindle::model::forward(b, step, &mut logits).expect("step");
     }
     // The step ends with the logits on the host, so the device work is done too.
+    t.elapsed().as_secs_f64() * 1e3 / steps as f64
+}
+
+/// Mean milliseconds of one step of `step` choosing every row's greedy token on the device
+/// (only token ids come back; a graph replay when the backend's graphs are on), over
+/// `steps` runs after one warm-up (which captures the graph).
+#[cfg(feature = "cuda")]
+fn time_device_greedy(
+    b: &mut spindle::backend::cuda::backend::CudaBackend,
+    step: &StepInput,
+    steps: usize,
+) -> f64 {
+    use spindle::backend::{RowPick, RowSampling};
+    let picks = vec![RowPick::Sample(RowSampling::GREEDY); step.logit_rows.len()];
+    let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+    b.forward_sampled(step, &picks, &mut logits, &mut tokens)
+        .expect("warm-up step");
+    let t = Instant::now();
+    for _ in 0..steps {
+        b.forward_sampled(step, &picks, &mut logits, &mut tokens)
+            .expect("step");
+    }
+    // The step ends with the token ids on the host, so the device work is done too.
     t.elapsed().as_secs_f64() * 1e3 / steps as f64
 }
 
@@ -329,6 +354,8 @@ struct Row {
     device: &'static str,
     threads: usize,
     prefix: usize,
+    /// "on" when the step was a CUDA graph replay.
+    graphs: &'static str,
     ms: f64,
 }
 
@@ -365,6 +392,7 @@ fn main() {
             device: "cpu",
             threads: w,
             prefix,
+            graphs: "off",
             ms,
         });
     }
@@ -391,16 +419,18 @@ fn main() {
     for r in &rows {
         let base = rows
             .iter()
-            .find(|b| b.model == r.model && b.device == r.device && b.threads == 1)
+            .find(|b| {
+                b.model == r.model && b.device == r.device && b.graphs == r.graphs && b.threads == 1
+            })
             .map_or(f64::NAN, |b| r.ms / b.ms);
         let tps = r.threads as f64 / (r.ms / 1e3);
         println!(
-            "{:<7} {:<6} {:>7} {:>6} off    {:>9.3} {:>10.1}   {base:.2}x",
-            r.model, r.device, r.threads, r.prefix, r.ms, tps
+            "{:<7} {:<6} {:>7} {:>6} {:<6} {:>9.3} {:>10.1}   {base:.2}x",
+            r.model, r.device, r.threads, r.prefix, r.graphs, r.ms, tps
         );
         csv.push_str(&format!(
-            "{},{},{},{},off,{:.4},{:.2}\n",
-            r.model, r.device, r.threads, r.prefix, r.ms, tps
+            "{},{},{},{},{},{:.4},{:.2}\n",
+            r.model, r.device, r.threads, r.prefix, r.graphs, r.ms, tps
         ));
     }
     let path = out_dir.join("decode.csv");
@@ -412,6 +442,7 @@ fn main() {
 #[cfg(feature = "cuda")]
 fn gpu_rows(args: &Args, models: &Path, rows: &mut Vec<Row>, tree: &mut Vec<TreeRow>) {
     use spindle::backend::cuda::backend::{CudaBackend, CudaOptions, KvPoolSize};
+    use spindle::backend::cuda::pool::GraphMode;
     if let Err(e) = spindle::backend::cuda::Gpu::probe() {
         println!("decode: SKIPPED the GPU shapes: {e}");
         return;
@@ -445,15 +476,31 @@ fn gpu_rows(args: &Args, models: &Path, rows: &mut Vec<Row>, tree: &mut Vec<Tree
         };
         let mut b = CudaBackend::load(&ck, &opts).expect("cuda backend");
         for &w in &WIDTHS {
-            let ms = time_steps(&mut b, &decode_step(prefix, w, vocab), args.steps);
-            rows.push(Row {
-                model: model.clone(),
-                device: "cuda",
-                threads: w,
-                prefix,
-                ms,
-            });
+            let step = decode_step(prefix, w, vocab);
+            // Graphs on and off interleaved in rounds; the mean of each over all rounds.
+            let rounds = 3;
+            let (mut on, mut off) = (0.0, 0.0);
+            for _ in 0..rounds {
+                for (mode, acc) in [(GraphMode::On, &mut on), (GraphMode::Off, &mut off)] {
+                    b.set_graph_mode(mode);
+                    *acc += time_device_greedy(&mut b, &step, args.steps) / rounds as f64;
+                }
+            }
+            if let Some(why) = b.graphs_disabled() {
+                println!("decode: CUDA graphs were turned off ({why}): the 'on' rows ran eagerly");
+            }
+            for (graphs, ms) in [("on", on), ("off", off)] {
+                rows.push(Row {
+                    model: model.clone(),
+                    device: "cuda",
+                    threads: w,
+                    prefix,
+                    graphs,
+                    ms,
+                });
+            }
         }
+        b.set_graph_mode(GraphMode::On);
         tree_rows(b, &model, "cuda", tree_prefix, args, tree);
     }
 }

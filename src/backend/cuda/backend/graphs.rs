@@ -118,6 +118,11 @@ impl Graphs {
     pub(in crate::backend::cuda) fn mode(&self) -> GraphMode {
         self.mode
     }
+
+    /// Switches the mode (captured graphs are kept for when it is `On` again).
+    pub(in crate::backend::cuda) fn set_mode(&mut self, mode: GraphMode) {
+        self.mode = mode;
+    }
 }
 
 impl CudaBackend {
@@ -246,5 +251,11 @@ impl CudaBackend {
     /// How steps that could run as graphs run.
     pub fn graph_mode(&self) -> GraphMode {
         self.graphs.mode()
+    }
+
+    /// Switches how graph-shaped steps run from the next step on (benchmarks compare
+    /// graphs on and off on one backend).
+    pub fn set_graph_mode(&mut self, mode: GraphMode) {
+        self.graphs.set_mode(mode);
     }
 }
