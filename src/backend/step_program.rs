@@ -208,20 +208,26 @@ impl StepProgram {
     /// (the inputs are uploaded before the replay, the tokens and logits copied back
     /// after it).
     pub fn graph_body(cfg: &ModelConfig, shape: &StepShape) -> Self {
-        let mut p = Self::build(
+        let mut p = Self::default();
+        p.graph_body_into(cfg, shape);
+        p
+    }
+
+    /// [`StepProgram::graph_body`] into `self`, reusing its op list.
+    pub fn graph_body_into(&mut self, cfg: &ModelConfig, shape: &StepShape) {
+        self.build_into(
             cfg,
             &StepShape {
                 graph: false,
                 ..*shape
             },
         );
-        p.ops.retain(|op| {
+        self.ops.retain(|op| {
             !matches!(
                 op,
                 Op::UploadInputs | Op::CopyBlocks | Op::Download | Op::DownloadTokens
             )
         });
-        p
     }
 
     /// [`StepProgram::build`] into `self`, reusing its op list (no allocation once it has

@@ -192,12 +192,14 @@ impl CudaBackend {
             }
         }
         // The padded program op by op (PaddedEager, or after a failed capture).
-        let body = StepProgram::graph_body(&self.cfg, &shape);
-        for &op in &body.ops {
+        let mut body = std::mem::take(&mut self.program);
+        body.graph_body_into(&self.cfg, &shape);
+        let r = body.ops.iter().try_for_each(|&op| {
             let _r = super::range(marks, op.name());
-            self.run_op(op)?;
-        }
-        Ok(true)
+            self.run_op(op)
+        });
+        self.program = body;
+        r.map(|()| true)
     }
 
     /// Captures the bucket's graph from the step staged now (nothing runs: the replay that
