@@ -44,8 +44,6 @@
 #include <math_constants.h>
 #include <stdint.h>
 
-#include <atomic>
-
 #include "spindle_kernels.h"
 
 namespace spindle {
@@ -411,32 +409,23 @@ __global__ void __launch_bounds__(D) forked_merge_kernel(
     out[((size_t)row * num_q_heads + head) * D + d] = __float2bfloat16(den > 0.f ? acc / den : 0.f);
 }
 
-// The kernel's dynamic shared memory above 48 KiB, allowed once per device (the
-// attribute is per device; a host call per launch would be host time in every step).
+// The kernel's dynamic shared memory above 48 KiB: a function attribute of the current
+// context, set by spindle_forked_attention_prepare (once per opened device), never per
+// launch (a host call in every step).
 template <int D>
 static cudaError_t allow_smem() {
-    static std::atomic<uint64_t> done{0};  // bit d: device d is configured
-    int dev = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err != cudaSuccess) return err;
-    const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
-    if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
-    err = cudaFuncSetAttribute(forked_attention_kernel<D>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               (int)Smem<D>::kBytes);
-    if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
-    return err;
+    return cudaFuncSetAttribute(forked_attention_kernel<D>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)Smem<D>::kBytes);
 }
 
 template <int D>
 static cudaError_t launch(const Args& a, const SpindleForkedParams& p, cudaStream_t stream) {
     if (p.num_units > 0) {
         const size_t bytes = Smem<D>::kBytes;
-        cudaError_t err = allow_smem<D>();
-        if (err != cudaSuccess) return err;
         dim3 grid(p.num_units, p.num_kv_heads);
         forked_attention_kernel<D><<<grid, kThreads, bytes, stream>>>(a);
-        err = cudaGetLastError();
+        const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
     }
     if (p.num_merge_rows > 0) {
@@ -511,3 +500,14 @@ extern "C" int spindle_forked_attention(const SpindleForkedParams* params, sp_st
         default: return launch<128>(a, p, stream);
     }
 }
+
+extern "C" int spindle_forked_attention_prepare(void) {
+    using namespace spindle::forked;
+    cudaError_t err = allow_smem<16>();
+    if (err == cudaSuccess) err = allow_smem<32>();
+    if (err == cudaSuccess) err = allow_smem<64>();
+    if (err == cudaSuccess) err = allow_smem<128>();
+    return err;
+}
+
+extern "C" int spindle_clear_last_error(void) { return cudaGetLastError(); }

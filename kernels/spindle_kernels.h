@@ -154,6 +154,15 @@ typedef struct SpindleForkedParams {
 
 int spindle_forked_attention(const SpindleForkedParams* params, sp_stream stream);
 
+// Allows spindle_forked_attention's kernels their dynamic shared memory (above 48 KiB at
+// head_dim 128) in the current context: call once after opening a device, before any
+// launch (Gpu::new does).
+int spindle_forked_attention_prepare(void);
+
+// Returns and clears the runtime's last error (after a failed CUDA graph capture, so the
+// next launch's check does not report it again).
+int spindle_clear_last_error(void);
+
 // ---------------------------------------------------------------- kv_write.cu
 // Scatter new K/V rows into the paged cache. slot_mapping[t] < 0 skips token t (padding).
 int spindle_kv_write(

@@ -688,151 +688,93 @@ fn device_greedy_matches_the_cpu_samplers_choice() {
     assert_eq!(c.allocations, 0);
 }
 
-/// One run of [`graph_run`]: per decode step, the token ids and the logits of the row that
-/// asked for them, and the counters of each decode step.
-type GraphRun = (
-    Vec<(Vec<u32>, Vec<f32>)>,
-    Vec<spindle::backend::step_program::StepCounters>,
-);
-
-/// `threads` prompts prefilled in one step, then `steps` decode steps of one row each
-/// (every row's logits wanted, in order: a graph-shaped step) choosing on the device:
-/// row 0 greedy, row 1 sampled (temperature 0.8, top-k 40, top-p 0.9, a fixed uniform per
-/// step), row 2 handing its logits back, the others greedy. Each step feeds what the
-/// previous step chose (row 2 feeds its logits' argmax).
-fn graph_run(b: &mut CudaBackend, threads: usize, steps: usize, bs: usize) -> GraphRun {
-    use spindle::backend::{Backend, RowPick, RowSampling, StepInput};
-    use spindle::kv::Chunk;
-    use spindle::plan::{AttentionPlan, PlanRow, PlanThread};
-    let vocab = b.config().vocab_size;
-    let prompt = 5usize;
-    let mut step = StepInput::default();
-    let mut plan_threads = Vec::new();
-    for t in 0..threads {
-        let mut rows = Vec::new();
-        for i in 0..prompt {
-            step.tokens.push(((t * 131 + i * 17 + 3) % vocab) as u32);
-            step.positions.push(i as u32);
-            step.slots.push((t * bs + i) as u32);
-            rows.push(PlanRow {
-                row: (t * prompt + i) as u32,
-                limit: i as u32 + 1,
-            });
-        }
-        step.logit_rows.push((t * prompt + prompt - 1) as u32);
-        plan_threads.push(PlanThread {
-            chunks: vec![Chunk {
-                block: t as u32,
-                start: 0,
-                len: prompt as u32,
-            }],
-            rows,
-        });
+impl common::graph_script::Snapshot for CudaBackend {
+    fn snapshot(&self) -> spindle::backend::step_program::StepCounters {
+        self.counters()
     }
-    step.plan = AttentionPlan::build(&plan_threads, AttentionMode::Forked, 0);
-    let mut next = Vec::new();
-    b.forward_greedy(&step, &mut next).expect("prefill");
-    let mut out = Vec::new();
-    let mut counts = Vec::new();
-    for s in 0..steps {
-        let len = prompt + s + 1; // tokens of each thread's view after this step
-        let mut d = StepInput::default();
-        let mut pt = Vec::new();
-        for (t, &tok) in next.iter().enumerate() {
-            d.tokens.push(tok);
-            d.positions.push((len - 1) as u32);
-            d.slots.push((t * bs + len - 1) as u32);
-            d.logit_rows.push(t as u32);
-            pt.push(PlanThread {
-                chunks: vec![Chunk {
-                    block: t as u32,
-                    start: 0,
-                    len: len as u32,
-                }],
-                rows: vec![PlanRow {
-                    row: t as u32,
-                    limit: len as u32,
-                }],
-            });
-        }
-        d.plan = AttentionPlan::build(&pt, AttentionMode::Forked, 0);
-        let picks: Vec<RowPick> = (0..threads)
-            .map(|t| match t {
-                1 => RowPick::Sample(RowSampling {
-                    temperature: 0.8,
-                    top_k: 40,
-                    top_p: 0.9,
-                    uniform: (s as f64 * 0.37 + 0.11) % 1.0,
-                }),
-                2 => RowPick::Logits,
-                _ => RowPick::Sample(RowSampling::GREEDY),
-            })
-            .collect();
-        let before = b.counters();
-        let (mut logits, mut ids) = (Vec::new(), Vec::new());
-        b.forward_sampled(&d, &picks, &mut logits, &mut ids)
-            .expect("decode step");
-        counts.push(b.counters().since(&before));
-        assert_eq!(ids.len(), threads);
-        assert_eq!(ids[2], spindle::backend::NO_TOKEN);
-        let row2 = logits[2 * vocab..3 * vocab].to_vec();
-        next = ids.clone();
-        next[2] = spindle::generate::sampler::argmax(&row2);
-        out.push((ids, row2));
-    }
-    (out, counts)
 }
 
 /// CUDA graphs: decode steps replayed from a graph give bit for bit what the same padded
-/// program gives launched op by op (`GraphMode::PaddedEager`), the same tokens as the
-/// unpadded eager steps (`GraphMode::Off`, logits within the CPU tolerance), and each
-/// replayed step is one graph launch, one input copy and the token (and asked-for logits)
-/// copies, with no kernel launched outside the graph.
+/// program gives launched op by op (`GraphMode::PaddedEager`) over a script whose steps
+/// change shape inside one bucket (5 to 7 rows, children sharing a 100-token prefix:
+/// forked items, merged rows, several tiles), re-capture after an eager prefill
+/// reallocated the arena, and run eagerly once when a step outgrows the bucket's
+/// capacities (then capture for the grown ones). Each replayed step is one graph launch,
+/// one input copy and the token and asked-for logits copies, with no kernel launched
+/// outside the graph and no allocation. Against unpadded eager steps (`GraphMode::Off`)
+/// the first decode step's logits agree within the bf16 bound.
 #[test]
 fn decode_graphs_replay_what_their_eager_twin_computes() {
     use spindle::backend::cuda::pool::GraphMode;
     const T: &str = "decode_graphs_replay_what_their_eager_twin_computes";
     let ck = Checkpoint::open(&fixture("tiny-qwen3")).expect("fixture");
-    let (threads, steps, bs) = (5usize, 6usize, 16usize);
+    let bs = 8usize;
     let mut runs = Vec::new();
     for mode in [GraphMode::On, GraphMode::PaddedEager, GraphMode::Off] {
         let opts = CudaOptions {
             block_size: bs,
-            pool: KvPoolSize::Blocks(threads),
+            pool: KvPoolSize::Blocks(1024),
+            max_step_rows: 64,
+            max_logit_rows: 64,
             graphs: mode,
             ..Default::default()
         };
         let Some(mut b) = cuda_backend(T, &ck, &opts) else {
             return;
         };
-        let run = graph_run(&mut b, threads, steps, bs);
+        let (steps, kinds) = common::graph_script::run(&mut b, bs);
         println!(
-            "{T}: {mode:?}: {} captures, disabled: {:?}, step counters {:?}",
+            "{T}: {mode:?}: {} captures, disabled: {:?}",
             b.graph_captures(),
-            b.graphs_disabled(),
-            run.1.last()
+            b.graphs_disabled()
         );
-        if mode == GraphMode::On {
-            assert_eq!(b.graphs_disabled(), None, "capture must work");
-            assert_eq!(b.graph_captures(), 1, "one bucket (8 rows), captured once");
-            for c in &run.1 {
-                assert_eq!(c.graph_launches, 1);
-                assert_eq!(c.launches, 0, "nothing launched outside the graph");
-                assert_eq!(c.h2d_copies, 1);
-                assert_eq!(c.d2h_copies, 2, "token ids and the one row's logits");
-                assert_eq!((c.allocations, c.memsets), (0, 0));
+        for (i, ((_, _, c, _), kind)) in steps.iter().zip(&kinds).enumerate() {
+            println!("{T}: {mode:?} step {i} ({kind}): {c:?}");
+            assert_eq!(c.d2h_copies, 2, "step {i}: token ids and one row's logits");
+            if mode != GraphMode::On {
+                assert_eq!(c.graph_launches, 0);
+                continue;
+            }
+            if *kind == "eager" {
+                assert_eq!(c.graph_launches, 0, "step {i}: outgrew the capacities");
+                assert!(c.launches > 0);
+            } else {
+                assert_eq!(c.graph_launches, 1, "step {i}: one graph launch");
+                assert_eq!(
+                    c.launches, 0,
+                    "step {i}: nothing launched outside the graph"
+                );
+                assert_eq!(c.h2d_copies, 1, "step {i}");
+                assert_eq!((c.allocations, c.memsets), (0, 0), "step {i}");
             }
         }
-        runs.push(run.0);
+        if mode == GraphMode::On {
+            assert_eq!(b.graphs_disabled(), None, "capture must work");
+            let captures = kinds.iter().filter(|k| **k == "capture").count() as u64;
+            assert_eq!(
+                b.graph_captures(),
+                captures,
+                "captured exactly when expected"
+            );
+        } else {
+            assert_eq!(b.graph_captures(), 0);
+        }
+        runs.push(steps);
     }
+    let results = |r: &Vec<common::graph_script::StepResult>| {
+        r.iter()
+            .map(|(ids, logits, _, _)| (ids.clone(), logits.clone()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        runs[0], runs[1],
+        results(&runs[0]),
+        results(&runs[1]),
         "graph replays = the padded program launched op by op, bit for bit"
     );
     // Padded (graph) against unpadded eager: the first decode step has the same inputs
     // in both (later steps feed what each chose), so its logits agree within the bf16
-    // bound and its greedy row with them.
-    let ((ids_g, l_g), (ids_e, l_e)) = (&runs[0][0], &runs[2][0]);
+    // bound.
+    let ((_, l_g, _, _), (_, l_e, _, _)) = (&runs[0][0], &runs[2][0]);
     let rms = (l_e.iter().map(|x| x * x).sum::<f32>() / l_e.len() as f32).sqrt();
     let d = l_g
         .iter()
@@ -841,5 +783,4 @@ fn decode_graphs_replay_what_their_eager_twin_computes() {
         .fold(0.0f32, f32::max);
     println!("{T}: padded vs unpadded logits max |diff| {d:.3e} (row rms {rms:.3})");
     assert!(d <= CPU_ROW_RMS * rms, "padded vs unpadded: {d}");
-    println!("{T}: greedy row: padded {} unpadded {}", ids_g[0], ids_e[0]);
 }

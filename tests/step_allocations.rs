@@ -122,6 +122,7 @@ fn the_cuda_steps_host_work_allocates_nothing() {
     use spindle::backend::graph_layout::{bucket_for, pad_lowered_into, GraphCaps};
     use spindle::backend::step_program::{
         pack_step, AttentionArrays, PackExtra, StepProgram, StepShape, TokenOp,
+        DEFAULT_MAX_STEP_PARTIALS,
     };
     use spindle::backend::{RowPick, RowSampling};
     use spindle::plan::lower::{lower_into, LowerConfig, LoweredPlan};
@@ -143,7 +144,7 @@ fn the_cuda_steps_host_work_allocates_nothing() {
         W
     ];
     let bucket = bucket_for(W, 256).expect("bucket");
-    let caps = GraphCaps::initial(bucket, 132);
+    let caps = GraphCaps::initial(bucket, 132, DEFAULT_MAX_STEP_PARTIALS);
     let (mut lowered, mut padded) = (LoweredPlan::default(), LoweredPlan::default());
     let mut arrays = AttentionArrays::default();
     let mut staging = vec![0i32; 1 << 16];

@@ -255,7 +255,7 @@ fn attention_arrays_travel_in_the_one_packed_copy() {
             // steady decode replays instead of re-capturing), and the padded inputs fit
             // the staging buffer allocated at load.
             let bucket = bucket_for(w, DEFAULT_MAX_GRAPH_ROWS).expect("a bucket");
-            let gcaps = GraphCaps::initial(bucket, 132);
+            let gcaps = GraphCaps::initial(bucket, 132, DEFAULT_MAX_STEP_PARTIALS);
             assert!(gcaps.fits(&lowered), "W={w}: {gcaps:?}");
             let mut padded = LoweredPlan::default();
             pad_lowered_into(&lowered, &gcaps, &mut padded).expect("pads");
@@ -284,4 +284,40 @@ fn attention_arrays_travel_in_the_one_packed_copy() {
             );
         }
     }
+}
+
+/// The GPU graph test's script (`tests/common/graph_script.rs`) is valid and has the
+/// shapes that test relies on: every decode step fits the 8-row bucket, and exactly the
+/// step it expects to outgrow the bucket's first chunk capacity does. Run on the CPU.
+#[test]
+fn the_graph_tests_script_has_the_shapes_it_claims() {
+    let ck = model_loader::Checkpoint::open(&common::fixture("tiny-qwen3")).expect("fixture");
+    let bs = 8;
+    let mut b = spindle::CpuBackend::load(&ck, 1024, bs).expect("cpu backend");
+    let (steps, kinds) = common::graph_script::run(&mut b, bs);
+    let caps = GraphCaps::initial(8, 132, DEFAULT_MAX_STEP_PARTIALS);
+    assert_eq!(steps.len(), kinds.len());
+    for (i, ((ids, logits, _, chunks), kind)) in steps.iter().zip(&kinds).enumerate() {
+        println!(
+            "graph script step {i} ({kind}): {} rows, {chunks} chunks",
+            ids.len()
+        );
+        assert!(
+            bucket_for(ids.len(), DEFAULT_MAX_GRAPH_ROWS) == Some(8),
+            "step {i}"
+        );
+        assert_eq!(
+            logits.len(),
+            ck.config().vocab_size,
+            "step {i}: row 2's logits"
+        );
+    }
+    // The first step beyond the first capacities is the one run eagerly (the ones after
+    // it run with grown capacities).
+    let first_big = steps.iter().position(|s| s.3 > caps.chunks);
+    assert!(first_big.is_some(), "some step must outgrow the capacities");
+    assert_eq!(first_big, kinds.iter().position(|k| *k == "eager"));
+    assert_eq!(kinds.iter().filter(|k| **k == "eager").count(), 1);
+    let captures = kinds.iter().filter(|k| **k == "capture").count();
+    assert_eq!(captures, 3);
 }

@@ -59,15 +59,19 @@ impl GraphCaps {
     /// lowering's wave rule makes of a decode step (`tests/step_counters.rs` prints it: a
     /// 4k shared prefix on 132 SMs splits into about 33 units, and each row reads every
     /// split, so W = 64 lowers to 128 units and 2,112 partials): units for half a wave
-    /// plus two a row, partials for a quarter wave plus two a row, chunks for a 4k prefix
-    /// in 16-token blocks plus two a row, each rounded up to a power of two. A step beyond
-    /// them grows them ([`GraphCaps::grown_for`]).
-    pub fn initial(rows: usize, num_sms: usize) -> Self {
+    /// plus two per row; partials for a quarter wave plus two, per row, but no more than
+    /// `max_partials` (the attention workspace allocated at load, so a wide bucket does
+    /// not grow it before a step needs it); chunks for a 4k prefix in 16-token blocks plus
+    /// two per row; each rounded up to a power of two. A step beyond them grows them
+    /// ([`GraphCaps::grown_for`]).
+    pub fn initial(rows: usize, num_sms: usize, max_partials: usize) -> Self {
         let sms = num_sms.max(1);
         Self {
             rows,
             units: (sms / 2 + 2 * rows).next_power_of_two(),
-            partials: (rows * (sms / 4 + 2)).next_power_of_two(),
+            partials: (rows * (sms / 4 + 2))
+                .min(max_partials.max(64))
+                .next_power_of_two(),
             chunks: (256 + 2 * rows).next_power_of_two(),
         }
     }
@@ -268,7 +272,12 @@ mod tests {
         assert!(g.fits(&lp));
         assert_eq!((g.units, g.partials, g.chunks), (2, 4, 2));
         assert_eq!(g.grown_for(&lp), g, "growing again changes nothing");
-        let init = GraphCaps::initial(16, 132);
+        let init = GraphCaps::initial(16, 132, 4096);
         assert_eq!((init.units, init.partials, init.chunks), (128, 1024, 512));
+        let wide = GraphCaps::initial(256, 132, 4096);
+        assert_eq!(
+            wide.partials, 4096,
+            "no more partials than the workspace holds"
+        );
     }
 }

@@ -103,7 +103,7 @@ impl Sampler {
     /// Whether this sampler takes the argmax (and draws nothing).
     pub fn is_greedy(&self) -> bool {
         let p = &self.params;
-        p.temperature <= 0.0 || !p.temperature.is_finite() || p.top_k == 1
+        p.temperature <= 0.0 || !p.temperature.is_finite() || p.top_k == 1 || p.top_p <= 0.0
     }
 
     /// Picks a token from `logits` with `rng` (greedy when the temperature is 0).
@@ -139,7 +139,12 @@ impl RowSampling {
 
     /// Whether the row takes the argmax.
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0 || !self.temperature.is_finite() || self.top_k == 1
+        // top_p <= 0 keeps one token, the argmax: greedy here, so the device kernel (which
+        // reads top_p <= 0 as "no cut") is never asked.
+        self.temperature <= 0.0
+            || !self.temperature.is_finite()
+            || self.top_k == 1
+            || self.top_p <= 0.0
     }
 }
 

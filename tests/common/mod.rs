@@ -3,6 +3,7 @@
 
 pub mod agreement;
 pub mod decode;
+pub mod graph_script;
 
 use serde_json::Value;
 use spindle::backend::cpu::CpuBackend;

@@ -56,7 +56,19 @@ impl Gpu {
         // buffer is freed or read while another stream still uses it.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
+        ctx.bind_to_thread()?;
+        // SAFETY: FFI edge; takes no arguments and sets function attributes of the
+        // kernels in the context just bound.
+        let code = unsafe { super::ffi::spindle_forked_attention_prepare() };
+        CudaError::check("spindle_forked_attention_prepare", code)?;
         Ok(Self { ctx, stream })
+    }
+
+    /// Clears the CUDA runtime's last error (after a failed graph capture, whose error
+    /// would otherwise be reported again by the next launch's check).
+    pub fn clear_last_error() {
+        // SAFETY: FFI edge; no arguments, only reads and resets the runtime's error state.
+        unsafe { super::ffi::spindle_clear_last_error() };
     }
 
     /// The context.

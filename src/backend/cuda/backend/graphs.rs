@@ -78,13 +78,13 @@ impl Graphs {
         bucket_for(rows, self.max_rows)
     }
 
-    fn slot(&mut self, rows: usize, num_sms: usize) -> &mut Slot {
+    fn slot(&mut self, rows: usize, num_sms: usize, max_partials: usize) -> &mut Slot {
         let i = match self.slots.iter().position(|s| s.rows == rows) {
             Some(i) => i,
             None => {
                 self.slots.push(Slot {
                     rows,
-                    caps: GraphCaps::initial(rows, num_sms),
+                    caps: GraphCaps::initial(rows, num_sms, max_partials),
                     exec: None,
                 });
                 self.slots.len() - 1
@@ -141,8 +141,8 @@ impl CudaBackend {
         let cfg = self.lower_config();
         lower_into(&step.plan, &cfg, &mut self.lowered)
             .map_err(|e| backend_err(format!("malformed attention plan: {e}")))?;
-        let num_sms = self.num_sms;
-        let slot = self.graphs.slot(bucket, num_sms);
+        let (num_sms, max_partials) = (self.num_sms, self.opts.max_step_partials);
+        let slot = self.graphs.slot(bucket, num_sms, max_partials);
         if !slot.caps.fits(&self.lowered) {
             slot.caps = slot.caps.grown_for(&self.lowered);
             slot.exec = None;
@@ -178,7 +178,7 @@ impl CudaBackend {
         if self.graphs.mode == GraphMode::On {
             let fresh = self
                 .graphs
-                .slot(bucket, num_sms)
+                .slot(bucket, num_sms, max_partials)
                 .exec
                 .as_ref()
                 .is_some_and(|(_, g)| *g == generation);
@@ -223,7 +223,8 @@ impl CudaBackend {
         self.counters = counted;
         let why = match (ran, ended) {
             (Ok(()), Ok(Some(g))) => {
-                self.graphs.slot(bucket, self.num_sms).exec = Some((g, generation));
+                let (sms, mp) = (self.num_sms, self.opts.max_step_partials);
+                self.graphs.slot(bucket, sms, mp).exec = Some((g, generation));
                 self.graphs.captures += 1;
                 return Ok(());
             }
@@ -231,6 +232,8 @@ impl CudaBackend {
             (Ok(()), Err(e)) => format!("instantiating: {e:?}"),
             (Ok(()), Ok(None)) => "the capture produced no graph".to_string(),
         };
+        // What failed inside the capture must not be reported again by the eager launches.
+        crate::backend::cuda::Gpu::clear_last_error();
         eprintln!("spindle: CUDA graph capture for {bucket} rows failed ({why}); graphs are off, steps run eagerly");
         self.graphs.broken = Some(why);
         for s in &mut self.graphs.slots {
