@@ -152,6 +152,9 @@ impl RowSampling {
 /// temperature distribution over the `top_k` most likely tokens (ties broken by id), cut
 /// to the smallest prefix whose probability reaches `top_p`, inverted at the uniform in
 /// that descending order. Non-finite logits are never chosen (0 when none is finite).
+/// The device kernel (`kernels/sampling.cu`) draws from the same distribution, inverting
+/// in vocabulary order; it differs only on a row with a `+inf` logit, where it takes the
+/// argmax.
 pub fn sample_row(logits: &[f32], s: &RowSampling) -> u32 {
     if s.is_greedy() {
         return argmax(logits);
