@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod agreement;
+pub mod sample_ref;
 
 use serde_json::Value;
 use spindle::backend::cpu::CpuBackend;
