@@ -83,8 +83,8 @@ struct StepBuffers {
     logits: Vec<f32>,
     /// How each logits row's token is chosen ([`Engine::step_sampled`]).
     picks: Vec<RowPick>,
-    /// One token per logits row ([`crate::backend::NO_TOKEN`] where the host chooses); empty after
-    /// [`Engine::step`].
+    /// One token per logits row ([`crate::backend::NO_TOKEN`] where the host chooses);
+    /// empty after [`Engine::step`].
     tokens: Vec<u32>,
 }
 
