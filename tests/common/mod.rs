@@ -1,8 +1,9 @@
 //! Shared helpers for the integration tests: fixture paths, engines, logit comparison.
 #![allow(dead_code)]
 
-pub mod agreement;
 pub mod sample_ref;
+
+pub mod agreement;
 
 use serde_json::Value;
 use spindle::backend::cpu::CpuBackend;
