@@ -23,6 +23,9 @@ use spindle::AttentionMode;
 
 #[path = "gpu_kernels/forked.rs"]
 mod forked;
+#[path = "common/sample_ref.rs"]
+mod sample_ref;
+use sample_ref::sample_ref;
 
 // ------------------------------------------------------------------ harness
 
@@ -1268,63 +1271,6 @@ fn argmax_lowest_index_on_ties() {
     let mut out = st.alloc_zeros::<i32>(rows).unwrap();
     kernels::argmax(st, &mut out, &ld).expect("argmax");
     assert_eq!(down(st, &out), want, "{test}");
-}
-
-/// Reference sampler with the semantics documented for `spindle_sample`. Returns
-/// (kept-set mass prefix boundaries, picked token).
-fn sample_ref(l: &[f32], t: f32, k: i32, p: f32, u: f32) -> (i32, Vec<(usize, f64)>) {
-    let vocab = l.len();
-    if t <= 0.0 {
-        let mut best = 0;
-        for i in 0..vocab {
-            if l[i] > l[best] {
-                best = i;
-            }
-        }
-        return (best as i32, vec![]);
-    }
-    let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let pr: Vec<f32> = l.iter().map(|x| ((x - mx) * (1.0 / t)).exp()).collect();
-    let mut sorted = pr.clone();
-    sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
-    let mut tau = 0.0f32;
-    if k > 0 && (k as usize) < vocab {
-        tau = sorted[k as usize - 1];
-    }
-    if p > 0.0 && p < 1.0 {
-        let z: f64 = pr.iter().filter(|&&x| x >= tau).map(|&x| x as f64).sum();
-        let target = p as f64 * z;
-        let mut cum = 0.0f64;
-        for &x in sorted.iter().filter(|&&x| x >= tau) {
-            cum += x as f64;
-            if cum >= target {
-                tau = x;
-                break;
-            }
-        }
-        // Ties: every token equal to tau is kept (the set is {p >= tau}).
-    }
-    let kept: Vec<(usize, f64)> = pr
-        .iter()
-        .enumerate()
-        .filter(|(_, &x)| x >= tau && x > 0.0)
-        .map(|(i, &x)| (i, x as f64))
-        .collect();
-    let total: f64 = kept.iter().map(|k| k.1).sum();
-    let target = u as f64 * total;
-    let mut cum = 0.0;
-    let mut bounds = Vec::new();
-    let mut pick = kept.last().unwrap().0 as i32;
-    let mut found = false;
-    for &(i, x) in &kept {
-        cum += x;
-        bounds.push((i, cum / total));
-        if !found && cum > target {
-            pick = i as i32;
-            found = true;
-        }
-    }
-    (pick, bounds)
 }
 
 #[test]

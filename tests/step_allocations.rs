@@ -1,10 +1,11 @@
 //! A steady decode step allocates nothing: 64 threads over a shared 512-token prompt, one
 //! token each per step, counted by a counting global allocator after a warm-up. The
 //! backend does no arithmetic, so what is counted is spindle's own work per step (feed,
-//! schedule, plan, batch, outputs).
+//! schedule, plan, batch, outputs), with logits or with the backend choosing the tokens.
 
 use model_loader::Checkpoint;
 use spindle::backend::null::NullBackend;
+use spindle::backend::{RowPick, RowSampling};
 use spindle::{AttentionMode, Engine, EngineConfig};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -108,6 +109,34 @@ fn a_steady_decode_step_allocates_nothing() {
     assert_eq!(
         builds1, builds0,
         "a steady decode step updates the plan in place"
+    );
+
+    // The same steps with the backend choosing the tokens (greedy ids: the null backend
+    // samples on the host, where a tempered draw sorts the row): the picks and the tokens
+    // live in the engine's buffers too.
+    let pick = RowPick::Sample(RowSampling::GREEDY);
+    for _ in 0..4 {
+        feed_all(&mut e, &mut token);
+        e.step_sampled(|_| pick).expect("step");
+    }
+    COUNTING.with(|c| c.set(true));
+    let mut tokens = 0usize;
+    for _ in 0..STEPS {
+        feed_all(&mut e, &mut token);
+        let out = e.step_sampled(|_| pick).expect("step");
+        tokens += out.threads.iter().filter_map(|t| out.token_of(t)).count();
+    }
+    COUNTING.with(|c| c.set(false));
+    let sampled_allocs = ALLOCS.load(Ordering::SeqCst) - allocs;
+    eprintln!("{sampled_allocs} allocations in {STEPS} sampled decode steps");
+    assert_eq!(
+        tokens,
+        W * STEPS as usize,
+        "every thread got a token every step"
+    );
+    assert_eq!(
+        sampled_allocs, 0,
+        "allocations per steady sampled decode step must be zero"
     );
 }
 

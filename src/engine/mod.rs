@@ -7,7 +7,7 @@
 //! counters), then the forward pass; `output.rs` is what it hands back, `invariants.rs`
 //! what must always hold.
 
-use crate::backend::{Backend, StepInput};
+use crate::backend::{Backend, RowPick, StepInput};
 use crate::error::{Operation, Result, SpindleError};
 use crate::kv::{BlockPool, KvManager, KvView, SharedTail};
 use crate::model;
@@ -81,6 +81,11 @@ struct StepBuffers {
     private_blocks: usize,
     /// `[logit rows, vocab]`.
     logits: Vec<f32>,
+    /// How each logits row's token is chosen ([`Engine::step_sampled`]).
+    picks: Vec<RowPick>,
+    /// One token per logits row ([`crate::backend::NO_TOKEN`] where the host chooses);
+    /// empty after [`Engine::step`].
+    tokens: Vec<u32>,
 }
 
 /// Threads, block pool and backend.
@@ -652,7 +657,56 @@ impl<B: Backend> Engine<B> {
             return Ok(self.output(0));
         }
         self.build_batch();
+        self.buf.tokens.clear();
         model::forward(&mut self.backend, &self.buf.input, &mut self.buf.logits)?;
+        self.after_change();
+        let rows = self.buf.input.tokens.len();
+        Ok(self.output(rows))
+    }
+
+    /// [`Engine::step`] where the backend may choose tokens itself
+    /// ([`Backend::forward_sampled`]): each thread's last logits row (its next-token
+    /// distribution) is chosen as `pick` says for that thread, every other row (a thread
+    /// that asked for all logits) comes back as logits. [`StepOutput::token_of`] gives the
+    /// chosen tokens. When no row is [`RowPick::Logits`] the output's logits are empty
+    /// whatever the backend did (a device backend returns only token ids then); otherwise
+    /// every row's logits are there, sampled rows included.
+    ///
+    /// # Errors
+    /// As [`Engine::step`]; a backend's error for picks it cannot serve.
+    pub fn step_sampled(
+        &mut self,
+        mut pick: impl FnMut(&Thread) -> RowPick,
+    ) -> Result<StepOutput<'_>> {
+        self.buf.picks.clear();
+        self.buf.tokens.clear();
+        if !self.admit()? {
+            self.planner
+                .step(&[], self.threads.as_slice(), &mut self.buf.input.plan);
+            return Ok(self.output(0));
+        }
+        self.build_batch();
+        let buf = &mut self.buf;
+        for o in &buf.outputs {
+            if o.logit_rows == 0 {
+                continue;
+            }
+            buf.picks
+                .extend(std::iter::repeat_n(RowPick::Logits, o.logit_rows - 1));
+            buf.picks.push(pick(&self.threads[o.thread]));
+        }
+        self.backend
+            .forward_sampled(&buf.input, &buf.picks, &mut buf.logits, &mut buf.tokens)?;
+        check_sampled(
+            &buf.picks,
+            &buf.tokens,
+            buf.logits.len(),
+            self.backend.config().vocab_size,
+        )?;
+        if !buf.picks.contains(&RowPick::Logits) {
+            // Only token ids came back (or should have): the same on every backend.
+            buf.logits.clear();
+        }
         self.after_change();
         let rows = self.buf.input.tokens.len();
         Ok(self.output(rows))
@@ -688,8 +742,45 @@ impl<B: Backend> Engine<B> {
                 .get(..self.buf.input.logit_rows.len() * self.backend.config().vocab_size)
                 .unwrap_or_default(),
             vocab: self.backend.config().vocab_size,
+            tokens: &self.buf.tokens,
         }
     }
+}
+
+/// Checks what [`Backend::forward_sampled`] handed back against its contract: one token
+/// per pick, a vocabulary id for each sampled row and [`crate::backend::NO_TOKEN`] for
+/// each logits row, and every row's logits when some row asked for them.
+fn check_sampled(picks: &[RowPick], tokens: &[u32], logits: usize, vocab: usize) -> Result<()> {
+    let bad = |what: String| Err(SpindleError::Backend(what));
+    if tokens.len() != picks.len() {
+        return bad(format!(
+            "the backend chose {} tokens for {} logit rows",
+            tokens.len(),
+            picks.len()
+        ));
+    }
+    let mut want_logits = false;
+    for (row, (pick, &token)) in picks.iter().zip(tokens).enumerate() {
+        match pick {
+            RowPick::Logits if token != crate::backend::NO_TOKEN => {
+                return bad(format!("token {token} for logits row {row}"));
+            }
+            RowPick::Logits => want_logits = true,
+            RowPick::Sample(_) if token as usize >= vocab => {
+                return bad(format!(
+                    "token {token} past the vocabulary ({vocab}) for sampled row {row}"
+                ));
+            }
+            RowPick::Sample(_) => {}
+        }
+    }
+    if want_logits && logits < picks.len() * vocab {
+        return bad(format!(
+            "{logits} logits for {} rows of vocab {vocab}",
+            picks.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that `n` tokens fed from position `next` stay within [`MAX_POSITION`].

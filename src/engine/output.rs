@@ -33,21 +33,44 @@ pub struct StepOutput<'a> {
     pub logits: &'a [f32],
     /// Vocabulary size (the length of one logits row).
     pub vocab: usize,
+    /// One token per logits row, chosen by the backend ([`crate::backend::NO_TOKEN`] for
+    /// a row whose logits came back instead), after [`crate::Engine::step_sampled`];
+    /// empty after [`crate::Engine::step`].
+    pub tokens: &'a [u32],
 }
 
 impl<'a> StepOutput<'a> {
     /// The logits rows of `t` (one `[vocab]` slice each), in feeding order.
+    /// None when the step returned no logits (a sampled step whose rows were all chosen
+    /// by the backend, see [`crate::Engine::step_sampled`]).
     pub fn logits_of(&self, t: &ThreadOutput) -> impl ExactSizeIterator<Item = &'a [f32]> {
         let (a, b) = (
             t.first_logit * self.vocab,
             (t.first_logit + t.logit_rows) * self.vocab,
         );
-        self.logits[a..b].chunks_exact(self.vocab.max(1))
+        self.logits
+            .get(a..b)
+            .unwrap_or_default()
+            .chunks_exact(self.vocab.max(1))
     }
 
-    /// The last logits row of `t` (its next-token distribution), if it has one.
+    /// The last logits row of `t` (its next-token distribution), if it has one and the
+    /// step returned logits.
     pub fn last_logits(&self, t: &ThreadOutput) -> Option<&'a [f32]> {
         self.logits_of(t).last()
+    }
+
+    /// The token the backend chose at `t`'s last logits row in a sampled step
+    /// ([`crate::Engine::step_sampled`]); None when `t` has no logits row, its row came
+    /// back as logits, or the step was not sampled.
+    pub fn token_of(&self, t: &ThreadOutput) -> Option<u32> {
+        if t.logit_rows == 0 {
+            return None;
+        }
+        self.tokens
+            .get(t.first_logit + t.logit_rows - 1)
+            .copied()
+            .filter(|&tok| tok != crate::backend::NO_TOKEN)
     }
 }
 

@@ -12,12 +12,12 @@ use super::output::{RequestOutput, ThreadRecord};
 use super::policy::Policy;
 use super::protocol::{Action, ForkSpec, Protocol, Role, ThreadParser, TokenSplit};
 use super::rng::{mix, Rng};
-use super::sampler::{Decide, Sampler, SamplingParams, TokenSource};
+use super::sampler::{Decide, RowSampling, Sampler, SamplingParams, TokenSource};
 use super::trace::TraceRecorder;
-use crate::backend::Backend;
+use crate::backend::{Backend, RowPick};
 use crate::engine::Engine;
 use crate::error::{Result, SpindleError};
-use crate::tree::{JoinKind, RequestId, ThreadId, ThreadState};
+use crate::tree::{JoinKind, RequestId, Thread, ThreadId, ThreadState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -137,6 +137,19 @@ impl ThreadCtl {
     /// Tokens this thread's subtree may still generate.
     fn remaining(&self) -> usize {
         self.allowance.saturating_sub(self.count + self.desc_count)
+    }
+
+    /// Whether the thread chooses its next token from a step's last logits row (it is
+    /// running and neither forks nor ends next).
+    fn decides(&self) -> bool {
+        self.started && !self.done && matches!(self.after, After::Decide)
+    }
+
+    /// Whether it [`ThreadCtl::decides`] and draws a token (rather than ending at a
+    /// budget: the request's, shared down its subtree, or `thread_budget` for a child).
+    fn draws(&self, thread_budget: usize) -> bool {
+        let over_thread = self.role != Role::Root && self.count >= thread_budget;
+        self.decides() && self.remaining() > 0 && !over_thread
     }
 }
 
@@ -327,7 +340,26 @@ impl<B: Backend> Generator<B> {
             }
             return Ok(std::mem::take(&mut self.events));
         }
-        match self.engine.step() {
+        // A thread that will draw its next token from this step's row has the backend
+        // choose it when its source allows (on a GPU only the id comes back), else gets
+        // its logits. A row nobody draws from (the thread forks, ends or is out of budget
+        // next) asks for the cheapest thing, an argmax id, which is never read. Nothing
+        // the step changes decides this: the same conditions are read again below.
+        let (ctl, requests) = (&self.ctl, &self.requests);
+        let thread_budget = self.policy.thread_budget;
+        let pick = |t: &Thread| {
+            let Some((c, rs)) = ctl
+                .get(&t.id)
+                .filter(|c| c.draws(thread_budget))
+                .zip(requests.get(&t.request))
+            else {
+                return RowPick::Sample(RowSampling::GREEDY);
+            };
+            rs.source
+                .backend_sampling(&c.rng)
+                .map_or(RowPick::Logits, RowPick::Sample)
+        };
+        match self.engine.step_sampled(pick) {
             Ok(_) => {}
             Err(e @ SpindleError::ThreadDoesNotFit { request, .. }) => {
                 // Even preemption cannot make room for this request's thread: the others'
@@ -362,21 +394,28 @@ impl<B: Backend> Generator<B> {
             };
             let thread = self.engine.thread(t.thread)?;
             *width.entry(thread.request).or_default() += 1;
-            // Draw the next token now, from the engine's logits buffer (no copy), for a
-            // thread that will decide next; one about to fork or end does not draw.
-            let Some(logits) = out.last_logits(t) else {
-                continue;
-            };
-            if c.done || !c.started || !matches!(c.after, After::Decide) {
+            // Draw the next token now, for a thread that will decide next (one about to
+            // fork or end does not draw): the backend's choice when it sampled the row,
+            // else from the engine's logits buffer (no copy).
+            if t.logit_rows == 0 || !c.decides() {
                 continue;
             }
             let Some(rs) = self.requests.get_mut(&thread.request) else {
                 continue;
             };
-            let over_thread = c.role != Role::Root && c.count >= self.policy.thread_budget;
-            c.choice = Some(if c.remaining() == 0 || over_thread {
+            c.choice = Some(if !c.draws(self.policy.thread_budget) {
                 Choice::OverBudget
+            } else if let Some(token) = out.token_of(t) {
+                // Advances the thread's generator past the draw the backend was given.
+                rs.source.took_backend_token(&mut c.rng);
+                Choice::Token(token)
             } else {
+                let logits = out.last_logits(t).ok_or_else(|| {
+                    SpindleError::Backend(format!(
+                        "no token and no logits for thread {} after a sampled step",
+                        t.thread
+                    ))
+                })?;
                 Choice::Token(rs.source.next_token(Decide {
                     request: thread.request,
                     path: &thread.path,

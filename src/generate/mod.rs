@@ -28,7 +28,9 @@ pub use policy::Policy;
 pub use protocol::{
     Action, ChildSpec, ForkSpec, Protocol, Role, ThreadParser, TokenSplit, Truncation,
 };
-pub use sampler::{sample_row, Decide, RowSampling, Sampler, SamplingParams, TokenSource};
+pub use sampler::{
+    row_distribution, sample_row, Decide, RowSampling, Sampler, SamplingParams, TokenSource,
+};
 pub use scripted::{ScriptItem, Scripted};
 pub use tags::{SplitTag, TagProtocol, TagSpec};
 pub use trace::TraceRecorder;

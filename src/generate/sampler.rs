@@ -29,6 +29,23 @@ pub trait TokenSource: Send {
     /// the run repeats. A source that depends only on what `next_token` is given (like
     /// [`Sampler`]) has nothing to do.
     fn restart(&mut self) {}
+
+    /// How the backend may choose this thread's next token instead of handing its logits
+    /// to [`TokenSource::next_token`] ([`crate::backend::RowPick::Sample`]): the settings
+    /// and the uniform of the draw `next_token` would make, previewed from `rng` without
+    /// advancing it. None (the default) when the source must see the logits: the
+    /// generator then calls `next_token` as usual. A source that returns Some must choose
+    /// exactly what [`sample_row`] chooses from those settings, so both paths agree.
+    fn backend_sampling(&self, rng: &Rng) -> Option<RowSampling> {
+        let _ = rng;
+        None
+    }
+
+    /// The thread took the token the backend chose with [`TokenSource::backend_sampling`]'s
+    /// settings: advance `rng` exactly as `next_token` would have (once per token).
+    fn took_backend_token(&mut self, rng: &mut Rng) {
+        let _ = rng;
+    }
 }
 
 /// Sampling settings of one request.
@@ -159,11 +176,51 @@ pub fn sample_row(logits: &[f32], s: &RowSampling) -> u32 {
     if s.is_greedy() {
         return argmax(logits);
     }
+    let Some((order, probs)) = kept_tokens(logits, s) else {
+        return 0;
+    };
+    let total: f64 = probs.iter().sum();
+    let mut u = s.uniform * total;
+    for (q, &id) in probs.iter().zip(&order) {
+        if u < *q {
+            return id;
+        }
+        u -= q;
+    }
+    order[order.len() - 1]
+}
+
+/// The distribution [`sample_row`] draws from (over its uniform): each kept token with its
+/// probability (summing to 1), most likely first, ties by id. Greedy rows, and rows with
+/// no finite logit, give their one token with probability 1.
+///
+/// A backend that samples on its device must draw from this distribution. The CUDA kernel
+/// keeps `{p >= tau}` and inverts its CDF in vocabulary order, which is the same
+/// distribution except where tokens tie exactly at the top-k or top-p cut: the kernel
+/// keeps every tied token there, this sampler keeps the lowest ids.
+pub fn row_distribution(logits: &[f32], s: &RowSampling) -> Vec<(u32, f64)> {
+    if s.is_greedy() {
+        return vec![(argmax(logits), 1.0)];
+    }
+    let Some((order, probs)) = kept_tokens(logits, s) else {
+        return vec![(0, 1.0)];
+    };
+    let total: f64 = probs.iter().sum();
+    order
+        .into_iter()
+        .zip(probs.iter().map(|q| q / total))
+        .collect()
+}
+
+/// The tokens [`sample_row`] may choose for a sampled (not greedy) row, most likely first
+/// (ties by id), with their weights: probabilities over the top-k set, the set then cut
+/// to top-p (so they sum to at most 1). None when no logit is finite.
+fn kept_tokens(logits: &[f32], s: &RowSampling) -> Option<(Vec<u32>, Vec<f64>)> {
     let mut order: Vec<u32> = (0..logits.len() as u32)
         .filter(|&i| logits[i as usize].is_finite())
         .collect();
     if order.is_empty() {
-        return 0;
+        return None;
     }
     // Descending by logit; ties by id so the order is total and reproducible.
     order.sort_by(|&a, &b| {
@@ -197,32 +254,33 @@ pub fn sample_row(logits: &[f32], s: &RowSampling) -> u32 {
         probs.truncate(keep);
         order.truncate(keep);
     }
-    let total: f64 = probs.iter().sum();
-    let mut u = s.uniform * total;
-    for (q, &id) in probs.iter().zip(&order) {
-        if u < *q {
-            return id;
-        }
-        u -= q;
-    }
-    order[order.len() - 1]
+    Some((order, probs))
 }
 
 impl TokenSource for Sampler {
     fn next_token(&mut self, d: Decide<'_>) -> u32 {
         self.sample(d.logits, d.rng)
     }
+
+    fn backend_sampling(&self, rng: &Rng) -> Option<RowSampling> {
+        Some(self.row_sampling(rng))
+    }
+
+    fn took_backend_token(&mut self, rng: &mut Rng) {
+        self.commit(rng);
+    }
 }
 
-/// Index of the largest logit (the lowest index among ties; 0 for an empty slice).
+/// Index of the largest logit (the lowest index among ties; NaN is never chosen, as in
+/// the CUDA `argmax` kernel; 0 for an empty or all-NaN slice).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
+    let mut best: Option<usize> = None;
     for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
+        if !x.is_nan() && best.is_none_or(|b| x > logits[b]) {
+            best = Some(i);
         }
     }
-    best as u32
+    best.unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -252,5 +310,13 @@ mod tests {
             .map(|_| sampler(5.0, 0, 1.0).sample(&logits, &mut rng))
             .collect();
         assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn argmax_skips_nan() {
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, f32::NAN, 3.0]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 }

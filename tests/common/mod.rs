@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: fixture paths, engines, logit comparison.
 #![allow(dead_code)]
 
+pub mod sample_ref;
+
 pub mod agreement;
 pub mod decode;
 pub mod graph_script;
