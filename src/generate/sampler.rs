@@ -223,14 +223,19 @@ fn kept_tokens(logits: &[f32], s: &RowSampling) -> Option<(Vec<u32>, Vec<f64>)> 
         return None;
     }
     // Descending by logit; ties by id so the order is total and reproducible.
-    order.sort_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
-    if s.top_k > 0 {
-        order.truncate(s.top_k as usize);
+    let by_rank = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let k = s.top_k as usize;
+    if k > 0 && k < order.len() {
+        // Only the k best are kept: select them (linear), then sort those alone. The order
+        // is total, so this is exactly the full sort's first k.
+        order.select_nth_unstable_by(k - 1, by_rank);
+        order.truncate(k);
     }
+    order.sort_by(by_rank);
     let max = logits[order[0] as usize];
     let inv_t = 1.0 / s.temperature as f64;
     let mut probs: Vec<f64> = order
@@ -286,6 +291,42 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Top-k by selection keeps exactly the tokens, in exactly the order, of a full sort
+    /// truncated to k (ties broken by id), on rows full of ties and non-finite logits.
+    #[test]
+    fn top_k_selection_equals_the_full_sort() {
+        let mut rng = Rng::new(9);
+        for case in 0..200 {
+            let vocab = 1 + rng.below(300) as usize;
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| match rng.below(12) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    // Few distinct values: many ties.
+                    _ => (rng.below(7) as f32) * 0.5,
+                })
+                .collect();
+            let k = 1 + rng.below(vocab as u64 + 3) as u32;
+            let s = RowSampling {
+                temperature: 0.9,
+                top_k: k,
+                top_p: 1.0,
+                uniform: 0.5,
+            };
+            let mut want: Vec<u32> = (0..vocab as u32)
+                .filter(|&i| logits[i as usize].is_finite())
+                .collect();
+            want.sort_by(|&a, &b| {
+                logits[b as usize]
+                    .total_cmp(&logits[a as usize])
+                    .then(a.cmp(&b))
+            });
+            want.truncate(k as usize);
+            let got = kept_tokens(&logits, &s).map(|(o, _)| o).unwrap_or_default();
+            assert_eq!(got, want, "case {case}: vocab {vocab}, k {k}");
+        }
+    }
 
     fn sampler(temperature: f32, top_k: usize, top_p: f32) -> Sampler {
         Sampler::new(SamplingParams {
