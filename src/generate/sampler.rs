@@ -212,30 +212,41 @@ pub fn row_distribution(logits: &[f32], s: &RowSampling) -> Vec<(u32, f64)> {
         .collect()
 }
 
+/// `x`'s bits as a u32 that orders like `f32::total_cmp` (larger for larger `x`).
+fn rank_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
 /// The tokens [`sample_row`] may choose for a sampled (not greedy) row, most likely first
 /// (ties by id), with their weights: probabilities over the top-k set, the set then cut
 /// to top-p (so they sum to at most 1). None when no logit is finite.
 fn kept_tokens(logits: &[f32], s: &RowSampling) -> Option<(Vec<u32>, Vec<f64>)> {
-    let mut order: Vec<u32> = (0..logits.len() as u32)
-        .filter(|&i| logits[i as usize].is_finite())
+    // Descending by logit (`total_cmp`), ties by id, so the order is total and
+    // reproducible: each finite token becomes one u64 key that sorts ascending in that
+    // order (integer compares, no indirection).
+    let mut keys: Vec<u64> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.is_finite())
+        .map(|(i, &x)| (u64::from(!rank_bits(x)) << 32) | i as u64)
         .collect();
-    if order.is_empty() {
+    if keys.is_empty() {
         return None;
     }
-    // Descending by logit; ties by id so the order is total and reproducible.
-    let by_rank = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
     let k = s.top_k as usize;
-    if k > 0 && k < order.len() {
-        // Only the k best are kept: select them (linear), then sort those alone. The order
-        // is total, so this is exactly the full sort's first k.
-        order.select_nth_unstable_by(k - 1, by_rank);
-        order.truncate(k);
+    if k > 0 && k < keys.len() {
+        // Only the k best are kept: select them (linear), then sort those alone.
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
     }
-    order.sort_by(by_rank);
+    // Keys are distinct (they hold the id), so an unstable sort gives the one order.
+    keys.sort_unstable();
+    let mut order: Vec<u32> = keys.iter().map(|&key| key as u32).collect();
     let max = logits[order[0] as usize];
     let inv_t = 1.0 / s.temperature as f64;
     let mut probs: Vec<f64> = order
