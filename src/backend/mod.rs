@@ -151,9 +151,11 @@ pub trait Backend {
 
     /// One whole step that also chooses tokens: `picks` has one entry per logits row
     /// (`step.logit_rows`); `tokens` gets one id per row ([`NO_TOKEN`] for a
-    /// [`RowPick::Logits`] row). `logits` holds every row's `[vocab]` logits when some row
-    /// asked for them; a backend that samples on its device may leave it empty otherwise
-    /// (only token ids come back). The default runs [`Backend::forward`] and samples on
+    /// [`RowPick::Logits`] row). When some row asked for logits, `logits` is
+    /// `[logit rows, vocab]` and holds the logits of every row that asked; a backend that
+    /// samples on its device copies back only those rows (the others' values are
+    /// unspecified) and, when no row asked, may leave `logits` empty (only token ids come
+    /// back). The default runs [`Backend::forward`] (every row's logits) and samples on
     /// the host ([`sample_on_host`]).
     fn forward_sampled(
         &mut self,

@@ -670,7 +670,9 @@ impl<B: Backend> Engine<B> {
     /// that asked for all logits) comes back as logits. [`StepOutput::token_of`] gives the
     /// chosen tokens. When no row is [`RowPick::Logits`] the output's logits are empty
     /// whatever the backend did (a device backend returns only token ids then); otherwise
-    /// every row's logits are there, sampled rows included.
+    /// the buffer is `[logit rows, vocab]` with the logits of every row that asked (a
+    /// device backend copies back only those; a row it sampled holds unspecified values,
+    /// the CPU backend's its true logits).
     ///
     /// # Errors
     /// As [`Engine::step`]; a backend's error for picks it cannot serve.

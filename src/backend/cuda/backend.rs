@@ -545,12 +545,25 @@ impl CudaBackend {
         }
         if logits_back {
             logits.resize(m * vocab, 0.0);
-            drv(stream.memcpy_dtoh(
-                &self.arena.logits.slice(0..m * vocab),
-                logits.as_mut_slice(),
-            ))?;
+            // Only the rows that asked (every row when nothing was chosen on the device),
+            // one copy per run of consecutive asking rows; a row chosen on the device keeps
+            // whatever the buffer held.
+            let asks = |r: usize| picks.is_none_or(|p| matches!(p[r], RowPick::Logits));
+            let mut r = 0;
+            while r < m {
+                if !asks(r) {
+                    r += 1;
+                    continue;
+                }
+                let start = r;
+                while r < m && asks(r) {
+                    r += 1;
+                }
+                let (a, b) = (start * vocab, r * vocab);
+                drv(stream.memcpy_dtoh(&self.arena.logits.slice(a..b), &mut logits[a..b]))?;
+                self.counters.d2h_copies += 1;
+            }
             drv(stream.synchronize())?;
-            self.counters.d2h_copies += 1;
         }
         Ok(())
     }
