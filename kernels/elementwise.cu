@@ -310,22 +310,40 @@ extern "C" int spindle_bias_add(sp_bf16* x, const sp_bf16* bias, int32_t rows, i
     return cudaGetLastError();
 }
 
-extern "C" int spindle_qkv_prep(sp_bf16* q, sp_bf16* k, sp_bf16* v, const sp_bf16* qkv,
-                                const sp_bf16* bias, const sp_bf16* q_norm,
-                                const sp_bf16* k_norm, const int32_t* positions,
-                                int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads,
-                                int32_t head_dim, float eps, float theta, sp_stream stream) {
+namespace spindle {
+
+// Both q/k/v epilogue entry points: checks the shared arguments, then one launch (k_cache
+// null: k and v to their buffers; else to the cache slots, num_slots of them).
+static int qkv_prep_launch(sp_bf16* q, sp_bf16* k, sp_bf16* v, const sp_bf16* qkv,
+                           const sp_bf16* bias, const sp_bf16* q_norm, const sp_bf16* k_norm,
+                           const int32_t* positions, sp_bf16* k_cache, sp_bf16* v_cache,
+                           const int32_t* slots, int64_t num_slots, int32_t num_tokens,
+                           int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
+                           float eps, float theta, sp_stream stream) {
     if (num_tokens < 0 || num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
-        head_dim > 256 || head_dim % 2 != 0 || !(theta > 0.f) || (q_norm == nullptr) != (k_norm == nullptr))
+        head_dim > 256 || head_dim % 2 != 0 || !(theta > 0.f) ||
+        (q_norm == nullptr) != (k_norm == nullptr))
         return cudaErrorInvalidValue;
     const int64_t items = (int64_t)num_tokens * (num_q_heads + 2 * num_kv_heads);
     if (items == 0) return cudaSuccess;
     const int64_t grid = (items + 7) / 8;
     if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
-    spindle::qkv_prep_kernel<<<(unsigned)grid, 256, 0, stream>>>(
-        q, k, v, qkv, bias, q_norm, k_norm, positions, nullptr, nullptr, nullptr, 0,
+    qkv_prep_kernel<<<(unsigned)grid, 256, 0, stream>>>(
+        q, k, v, qkv, bias, q_norm, k_norm, positions, k_cache, v_cache, slots, num_slots,
         num_tokens, num_q_heads, num_kv_heads, head_dim, eps, theta);
     return cudaGetLastError();
+}
+
+}  // namespace spindle
+
+extern "C" int spindle_qkv_prep(sp_bf16* q, sp_bf16* k, sp_bf16* v, const sp_bf16* qkv,
+                                const sp_bf16* bias, const sp_bf16* q_norm,
+                                const sp_bf16* k_norm, const int32_t* positions,
+                                int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads,
+                                int32_t head_dim, float eps, float theta, sp_stream stream) {
+    return spindle::qkv_prep_launch(q, k, v, qkv, bias, q_norm, k_norm, positions, nullptr,
+                                    nullptr, nullptr, 0, num_tokens, num_q_heads, num_kv_heads,
+                                    head_dim, eps, theta, stream);
 }
 
 extern "C" int spindle_qkv_prep_cache(sp_bf16* q, sp_bf16* k_cache, sp_bf16* v_cache,
@@ -336,18 +354,11 @@ extern "C" int spindle_qkv_prep_cache(sp_bf16* q, sp_bf16* k_cache, sp_bf16* v_c
                                       int32_t num_tokens, int32_t num_q_heads,
                                       int32_t num_kv_heads, int32_t head_dim, float eps,
                                       float theta, sp_stream stream) {
-    if (num_tokens < 0 || num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 ||
-        head_dim > 256 || head_dim % 2 != 0 || !(theta > 0.f) ||
-        (q_norm == nullptr) != (k_norm == nullptr) || num_blocks < 0 || block_size <= 0 ||
-        k_cache == nullptr || v_cache == nullptr || slots == nullptr)
+    if (num_blocks < 0 || block_size <= 0 || k_cache == nullptr || v_cache == nullptr ||
+        slots == nullptr)
         return cudaErrorInvalidValue;
-    const int64_t items = (int64_t)num_tokens * (num_q_heads + 2 * num_kv_heads);
-    if (items == 0) return cudaSuccess;
-    const int64_t grid = (items + 7) / 8;
-    if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
-    spindle::qkv_prep_kernel<<<(unsigned)grid, 256, 0, stream>>>(
-        q, nullptr, nullptr, qkv, bias, q_norm, k_norm, positions, k_cache, v_cache, slots,
-        (int64_t)num_blocks * block_size, num_tokens, num_q_heads, num_kv_heads, head_dim, eps,
-        theta);
-    return cudaGetLastError();
+    return spindle::qkv_prep_launch(q, nullptr, nullptr, qkv, bias, q_norm, k_norm, positions,
+                                    k_cache, v_cache, slots, (int64_t)num_blocks * block_size,
+                                    num_tokens, num_q_heads, num_kv_heads, head_dim, eps, theta,
+                                    stream);
 }

@@ -76,6 +76,19 @@ pub enum RowPick {
 /// The token of a [`RowPick::Logits`] row in [`Backend::forward_sampled`]'s output.
 pub const NO_TOKEN: u32 = u32::MAX;
 
+/// Checks that `picks` has one entry per logits row of `step` ([`Backend::forward_sampled`]'s
+/// contract, for every backend).
+pub fn check_picks(step: &StepInput, picks: &[RowPick]) -> Result<()> {
+    if picks.len() != step.logit_rows.len() {
+        return Err(SpindleError::Backend(format!(
+            "{} picks for {} logit rows",
+            picks.len(),
+            step.logit_rows.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The host's choice for every row of `picks` from `logits` (`[picks, vocab]`), into
 /// `tokens` ([`NO_TOKEN`] for a `Logits` row): [`Backend::forward_sampled`]'s default, with
 /// the CPU sampler's exact choices.
@@ -167,13 +180,7 @@ pub trait Backend {
     where
         Self: Sized,
     {
-        if picks.len() != step.logit_rows.len() {
-            return Err(SpindleError::Backend(format!(
-                "{} picks for {} logit rows",
-                picks.len(),
-                step.logit_rows.len()
-            )));
-        }
+        check_picks(step, picks)?;
         self.forward(step, logits)?;
         let vocab = self.config().vocab_size;
         sample_on_host(logits, vocab, picks, tokens)

@@ -507,7 +507,7 @@ impl CudaBackend {
             self.program = program;
             r?;
         }
-        self.collect(picks, logits_back, logits, tokens)?;
+        self.collect(picks, logits_back, marks, logits, tokens)?;
         if profile.is_some_and(|r| r.end == n + 1) {
             drv(self.stream().synchronize())?;
             profiler(false)?;
@@ -522,9 +522,11 @@ impl CudaBackend {
         &mut self,
         picks: Option<&[RowPick]>,
         logits_back: bool,
+        marks: bool,
         logits: &mut Vec<f32>,
         tokens: &mut Vec<u32>,
     ) -> Result<()> {
+        let _r = range(marks, "download");
         let s = self.step_bufs()?;
         let m = s.real_logit_rows;
         if m == 0 {
@@ -533,7 +535,6 @@ impl CudaBackend {
         let stream = self.stream().clone();
         let vocab = self.cfg.vocab_size;
         if let Some(picks) = picks {
-            let _r = range(profile_steps().is_some() || nvtx_requested(), "download");
             drv(stream.memcpy_dtoh(&self.arena.tokens.slice(0..m), &mut self.tokens_h))?;
             self.counters.d2h_copies += 1;
             drv(stream.synchronize())?;
@@ -1166,13 +1167,7 @@ impl Backend for CudaBackend {
         logits: &mut Vec<f32>,
         tokens: &mut Vec<u32>,
     ) -> Result<()> {
-        if picks.len() != step.logit_rows.len() {
-            return Err(backend_err(format!(
-                "{} picks for {} logit rows",
-                picks.len(),
-                step.logit_rows.len()
-            )));
-        }
+        crate::backend::check_picks(step, picks)?;
         if !self.opts.fused_step {
             crate::model::layer_loop(self, step, logits)?;
             return crate::backend::sample_on_host(logits, self.cfg.vocab_size, picks, tokens);
